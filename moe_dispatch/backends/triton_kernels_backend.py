@@ -1,0 +1,85 @@
+"""`triton_kernels`: OpenAI triton_kernels through SGLang's runner (TopK with the
+triton_kernels routing format + MoeRunner TRITON_KERNELS).
+
+Two API generations of triton_kernels exist: `triton_kernels.matmul_ogs` (Triton
+3.6, SGLang <= 0.5.17) and `triton_kernels.matmul` (Triton >= 3.7, SGLang >= 0.5.18).
+SGLang's runner calls whichever generation it was written for; this backend detects
+which one is installed and reports it (`triton_kernels_generation`).
+
+Weight layout: the runner wants w13 [E, H, 2I] and w2 [E, I, H]. By default it gets
+transposed *views* of the canonical Triton-layout weights, which matmul_ogs reads
+through their strides: zero extra bytes. `layout="copy"` makes contiguous copies
+instead (the layout SGLang itself allocates for this runner) and reports their bytes.
+
+What SGLang's runner computes: with biases, GPT-OSS SwiGLU (alpha, clamp limit,
+gate/up interleaved) fused into the first matmul; without biases, SiLU-and-mul on
+split gate/up. Other combinations are reported unsupported.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+
+from moe_dispatch.backends.base import KernelBackend, PreparedKernel, Support
+from moe_dispatch.backends.sglang_env import sglang_support
+from moe_dispatch.backends.sglang_runner import SGLangKernel
+from moe_dispatch.spec import MoESpec
+from moe_dispatch.weights import ExpertWeights
+
+LAYOUTS = ("view", "copy")
+
+
+def triton_kernels_generation() -> str | None:
+    """"matmul_ogs" (Triton 3.6 era), "matmul" (Triton >= 3.7), or None if absent."""
+    try:
+        if importlib.util.find_spec("triton_kernels") is None:
+            return None
+        if importlib.util.find_spec("triton_kernels.matmul_ogs") is not None:
+            return "matmul_ogs"
+        if importlib.util.find_spec("triton_kernels.matmul") is not None:
+            return "matmul"
+    except Exception:  # a broken triton_kernels install: treat as absent
+        return None
+    return None
+
+
+class TritonKernelsBackend(KernelBackend):
+    name = "triton_kernels"
+
+    def __init__(self, layout: str = "view") -> None:
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+        self.layout = layout
+
+    def availability(self) -> Support:
+        if triton_kernels_generation() is None:
+            return Support.no(
+                "triton_kernels is not installed (it ships inside sglang-kernel; "
+                "PyPI's 'triton-kernels' is an unrelated package)"
+            )
+        return sglang_support()
+
+    def supports(self, spec: MoESpec) -> Support:
+        if spec.dtype != torch.bfloat16:
+            return Support.no(f"SGLang's triton_kernels runner is bf16-only, got {spec.dtype}")
+        if spec.bias and spec.activation.kind != "swiglu":
+            return Support.no("with biases SGLang's triton_kernels runner applies GPT-OSS SwiGLU, not SiLU")
+        if not spec.bias and spec.activation.kind != "silu":
+            return Support.no("without biases SGLang's triton_kernels runner applies SiLU, not SwiGLU")
+        return Support.yes()
+
+    def _prepare(self, spec: MoESpec, weights: ExpertWeights) -> PreparedKernel:
+        from sglang.srt.layers.moe.moe_runner.triton_kernels import TritonKernelsQuantInfo
+
+        w13 = weights.w13.transpose(1, 2)  # [E, H, 2I]
+        w2 = weights.w2.transpose(1, 2)  # [E, I, H]
+        extra = 0
+        if self.layout == "copy":
+            w13, w2 = w13.contiguous(), w2.contiguous()
+            extra = w13.nbytes + w2.nbytes
+        quant_info = TritonKernelsQuantInfo(
+            w13_weight=w13, w2_weight=w2, w13_bias=weights.b13, w2_bias=weights.b2
+        )
+        return SGLangKernel(self.name, spec, weights, "TRITON_KERNELS", "TRITON_KERNEL", quant_info, extra)

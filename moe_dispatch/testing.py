@@ -1,0 +1,66 @@
+"""Comparing a kernel's output with the reference: error statistics and tolerances.
+
+Errors are relative to the reference's scale: `rms` = ||out - ref|| / ||ref|| and
+`max` = max|out - ref| / max|ref|. A failure message carries both, and where the
+largest error sits, so a red test says how wrong and where.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    rms: float
+    max: float
+
+
+# Kernels round operands and intermediates to the storage dtype; the reference is fp32.
+TOLERANCES: dict[torch.dtype, Tolerance] = {
+    torch.bfloat16: Tolerance(rms=2e-2, max=6e-2),
+    torch.float16: Tolerance(rms=4e-3, max=1.5e-2),
+    torch.float32: Tolerance(rms=1e-5, max=1e-4),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorStats:
+    rms: float
+    max: float
+    worst_index: tuple[int, ...]
+    nonfinite: int
+
+    def within(self, tol: Tolerance) -> bool:
+        return self.nonfinite == 0 and self.rms <= tol.rms and self.max <= tol.max
+
+    def describe(self) -> str:
+        return f"rms_rel={self.rms:.2e} max_rel={self.max:.2e} at {self.worst_index} nonfinite={self.nonfinite}"
+
+
+def error_stats(actual: torch.Tensor, expected: torch.Tensor) -> ErrorStats:
+    if actual.shape != expected.shape:
+        raise ValueError(f"shape mismatch: actual {tuple(actual.shape)} vs expected {tuple(expected.shape)}")
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    nonfinite = int((~torch.isfinite(a)).sum())
+    if a.numel() == 0:
+        return ErrorStats(0.0, 0.0, (), 0)
+    diff = (a - e).abs().nan_to_num(nan=float("inf"))
+    scale_rms = float(e.norm()) or 1.0
+    scale_max = float(e.abs().max()) or 1.0
+    flat = int(diff.argmax())
+    worst = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape))
+    return ErrorStats(float((a - e).norm()) / scale_rms, float(diff.max()) / scale_max, worst, nonfinite)
+
+
+def assert_close(
+    actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str = "", tol: Tolerance | None = None
+) -> ErrorStats:
+    """Raise AssertionError with max and RMS relative error when out of tolerance."""
+    tol = tol or TOLERANCES[dtype]
+    stats = error_stats(actual, expected)
+    if not stats.within(tol):
+        raise AssertionError(f"{what}: {stats.describe()} exceeds tolerance rms<={tol.rms:g} max<={tol.max:g}")
+    return stats

@@ -1,0 +1,49 @@
+"""The one shared case list every kernel is tested over (GPU tier).
+
+Small dims keep a case fast; the token counts hit 0, 1, odd sizes and past the
+1000-row range where kernels change tile configs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import torch
+
+from moe_dispatch.spec import GPT_OSS_SWIGLU, SILU, MoESpec, Routing
+
+TOKENS = (0, 1, 3, 37, 129, 1000)
+TOP_KS = (1, 2, 4, 8)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    num_tokens: int
+    top_k: int
+    bias: bool
+    activation: str  # "silu" | "swiglu"
+
+    def spec(self, dtype: torch.dtype = torch.bfloat16) -> MoESpec:
+        swiglu = self.activation == "swiglu"
+        return MoESpec(
+            num_experts=16,
+            top_k=self.top_k,
+            hidden_size=256,
+            intermediate_size=192,
+            activation=GPT_OSS_SWIGLU if swiglu else SILU,
+            bias=self.bias,
+            dtype=dtype,
+            routing=Routing.TOPK_SOFTMAX if swiglu else Routing.SOFTMAX_TOPK_RENORM,
+            name=f"case-k{self.top_k}-{self.activation}{'-bias' if self.bias else ''}",
+        )
+
+    @property
+    def id(self) -> str:
+        return f"T{self.num_tokens}-k{self.top_k}-{self.activation}-{'bias' if self.bias else 'nobias'}"
+
+
+CASES: tuple[Case, ...] = tuple(
+    Case(t, k, bias, act)
+    for t, k, bias, act in itertools.product(TOKENS, TOP_KS, (True, False), ("swiglu", "silu"))
+)
