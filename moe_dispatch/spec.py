@@ -53,9 +53,7 @@ class Activation:
                 raise ValueError(f"silu takes no alpha/limit, got alpha={self.alpha} limit={self.limit}")
         elif self.kind == "swiglu":
             if self.alpha is None or self.limit is None or self.alpha <= 0 or self.limit <= 0:
-                raise ValueError(
-                    f"swiglu needs positive alpha and limit, got alpha={self.alpha} limit={self.limit}"
-                )
+                raise ValueError(f"swiglu needs positive alpha and limit, got alpha={self.alpha} limit={self.limit}")
         else:
             raise ValueError(f"unknown activation kind {self.kind!r}; expected 'silu' or 'swiglu'")
 
@@ -178,9 +176,7 @@ def preset(name: str, tp: int = 1, dtype: torch.dtype = torch.bfloat16) -> MoESp
         raise ValueError(f"tp must be a positive int, got {tp!r}")
     model = _MODELS[name]
     if model.intermediate_size % tp:
-        raise ValueError(
-            f"tp={tp} does not divide {name}'s intermediate size {model.intermediate_size}"
-        )
+        raise ValueError(f"tp={tp} does not divide {name}'s intermediate size {model.intermediate_size}")
     return MoESpec(
         num_experts=model.num_experts,
         top_k=model.top_k,

@@ -47,7 +47,9 @@ class ExpertWeights:
             if tensor is None:
                 raise ValueError(f"spec has bias=True but weights.{name} is None")
             if tuple(tensor.shape) != shape:
-                raise ValueError(f"weights.{name} has shape {tuple(tensor.shape)}, expected {shape} for {spec.describe()}")
+                raise ValueError(
+                    f"weights.{name} has shape {tuple(tensor.shape)}, expected {shape} for {spec.describe()}"
+                )
             want_dtype = torch.float32 if name.startswith("b") else spec.dtype
             if tensor.dtype != want_dtype:
                 raise TypeError(f"weights.{name} has dtype {tensor.dtype}, expected {want_dtype}")

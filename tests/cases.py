@@ -44,6 +44,5 @@ class Case:
 
 
 CASES: tuple[Case, ...] = tuple(
-    Case(t, k, bias, act)
-    for t, k, bias, act in itertools.product(TOKENS, TOP_KS, (True, False), ("swiglu", "silu"))
+    Case(t, k, bias, act) for t, k, bias, act in itertools.product(TOKENS, TOP_KS, (True, False), ("swiglu", "silu"))
 )

@@ -53,7 +53,7 @@ def test_kernel_matches_reference(case: Case, kernel_name: str):
 
 @pytest.mark.parametrize("kernel_name", ("triton", "triton_kernels"))
 def test_gpu_kernel_rejects_cpu_input(kernel_name):
-    spec = CASES[1].spec()
+    spec = Case(4, 2, True, "swiglu").spec()
     kernel = make_kernel(kernel_name, spec, ExpertWeights.random(spec, device="cuda"))
     x, logits = random_inputs(spec, 4)
     with pytest.raises(ValueError, match="is on cpu but the expert weights are on cuda"):

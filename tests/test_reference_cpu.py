@@ -44,8 +44,16 @@ def test_swiglu_activation_by_hand_with_clamps():
 
 def test_reference_moe_by_hand():
     # E=2, k=1, H=2, I=1, SiLU, bias. Token 0 goes to expert 1, token 1 to expert 0.
-    spec = MoESpec(num_experts=2, top_k=1, hidden_size=2, intermediate_size=1, activation=SILU, bias=True,
-                   dtype=torch.float32, routing=Routing.SOFTMAX_TOPK_RENORM)
+    spec = MoESpec(
+        num_experts=2,
+        top_k=1,
+        hidden_size=2,
+        intermediate_size=1,
+        activation=SILU,
+        bias=True,
+        dtype=torch.float32,
+        routing=Routing.SOFTMAX_TOPK_RENORM,
+    )
     w13 = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [2.0, 0.0]]])  # [E, 2I, H]
     w2 = torch.tensor([[[1.0], [2.0]], [[-1.0], [0.5]]])  # [E, H, I]
     b13 = torch.tensor([[0.5, 0.0], [0.0, 1.0]])
@@ -62,8 +70,16 @@ def test_reference_moe_by_hand():
 
 
 def test_reference_weights_sum_over_top_k():
-    spec = MoESpec(num_experts=4, top_k=2, hidden_size=4, intermediate_size=2, activation=GPT_OSS_SWIGLU,
-                   bias=False, dtype=torch.float32, routing=Routing.TOPK_SOFTMAX)
+    spec = MoESpec(
+        num_experts=4,
+        top_k=2,
+        hidden_size=4,
+        intermediate_size=2,
+        activation=GPT_OSS_SWIGLU,
+        bias=False,
+        dtype=torch.float32,
+        routing=Routing.TOPK_SOFTMAX,
+    )
     weights = ExpertWeights.random(spec, seed=3)
     x, logits = random_inputs(spec, 5, seed=4)
     w, ids = route(logits, 2, spec.routing)
@@ -89,7 +105,7 @@ def test_torch_backend_equals_reference_and_handles_empty_batch():
 def test_random_weights_are_seeded_and_never_zero():
     spec = MoESpec(num_experts=4, top_k=2, hidden_size=16, intermediate_size=8, bias=True)
     a, b = ExpertWeights.random(spec, seed=5), ExpertWeights.random(spec, seed=5)
-    for ta, tb in zip(a.tensors(), b.tensors()):
+    for ta, tb in zip(a.tensors(), b.tensors(), strict=False):
         assert torch.equal(ta, tb) and bool((ta != 0).any())
     assert a.nbytes() == 4 * (2 * 8 * 16 + 16 * 8) * 2 + 4 * (2 * 8 + 16) * 4
     assert not torch.equal(ExpertWeights.random(spec, seed=6).w13, a.w13)

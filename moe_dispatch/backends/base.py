@@ -116,6 +116,4 @@ def check_inputs(
     if H != spec.hidden_size:
         raise ValueError(f"hidden_states has hidden size {H}, expected {spec.hidden_size}")
     if tuple(router_logits.shape) != (T, spec.num_experts):
-        raise ValueError(
-            f"router_logits has shape {tuple(router_logits.shape)}, expected ({T}, {spec.num_experts})"
-        )
+        raise ValueError(f"router_logits has shape {tuple(router_logits.shape)}, expected ({T}, {spec.num_experts})")

@@ -32,7 +32,7 @@ LAYOUTS = ("view", "copy")
 
 
 def triton_kernels_generation() -> str | None:
-    """"matmul_ogs" (Triton 3.6 era), "matmul" (Triton >= 3.7), or None if absent."""
+    """ "matmul_ogs" (Triton 3.6 era), "matmul" (Triton >= 3.7), or None if absent."""
     try:
         if importlib.util.find_spec("triton_kernels") is None:
             return None
@@ -79,7 +79,5 @@ class TritonKernelsBackend(KernelBackend):
         if self.layout == "copy":
             w13, w2 = w13.contiguous(), w2.contiguous()
             extra = w13.nbytes + w2.nbytes
-        quant_info = TritonKernelsQuantInfo(
-            w13_weight=w13, w2_weight=w2, w13_bias=weights.b13, w2_bias=weights.b2
-        )
+        quant_info = TritonKernelsQuantInfo(w13_weight=w13, w2_weight=w2, w13_bias=weights.b13, w2_bias=weights.b2)
         return SGLangKernel(self.name, spec, weights, "TRITON_KERNELS", "TRITON_KERNEL", quant_info, extra)

@@ -1,0 +1,110 @@
+"""Timing of CUDA-graph replays and eager calls with CUDA events, and their summary statistics.
+
+Each replay (or call) gets its own pair of events so the spread (p20/p80) is real,
+not an average smeared over a loop. The host synchronizes once, after the last pair,
+so the timed launches queue back to back as they would in serving.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+from graphs.capture import require_cuda
+
+
+def _percentile(ordered: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default "linear" method).
+
+    The q-th percentile sits at position q * (n - 1) of the sorted samples; between
+    two samples it is interpolated. So p50 of an even count is the mean of the middle two.
+    """
+    pos = q * (len(ordered) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+@dataclass(frozen=True)
+class ReplayStats:
+    """Summary of per-replay times in milliseconds."""
+
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    samples: int
+
+    @staticmethod
+    def from_samples(samples_ms: Sequence[float]) -> ReplayStats:
+        """Summarize raw times (ms); percentiles by linear interpolation (see `_percentile`)."""
+        if len(samples_ms) == 0:
+            raise ValueError("samples_ms is empty; expected at least one time in ms")
+        ordered = sorted(float(s) for s in samples_ms)
+        bad = [s for s in ordered if not math.isfinite(s)]
+        if bad:
+            raise ValueError(f"samples_ms holds non-finite times {bad[:3]}; expected finite ms")
+        return ReplayStats(
+            median_ms=_percentile(ordered, 0.5),
+            p20_ms=_percentile(ordered, 0.2),
+            p80_ms=_percentile(ordered, 0.8),
+            samples=len(ordered),
+        )
+
+    def to_json(self) -> dict[str, float | int]:
+        """A JSON-ready dict (embeddable in a larger document such as a plan file)."""
+        return asdict(self)
+
+    @staticmethod
+    def from_json(data: Mapping[str, object]) -> ReplayStats:
+        """Inverse of `to_json`; ValueError on missing keys or non-numeric values."""
+        missing = [k for k in ("median_ms", "p20_ms", "p80_ms", "samples") if k not in data]
+        if missing:
+            raise ValueError(f"ReplayStats JSON {dict(data)!r} lacks keys {missing}")
+        values = {}
+        for key in ("median_ms", "p20_ms", "p80_ms"):
+            v = data[key]
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise ValueError(f"ReplayStats JSON {key}={v!r}; expected a number of ms")
+            values[key] = float(v)
+        n = data["samples"]
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"ReplayStats JSON samples={n!r}; expected an int >= 1")
+        return ReplayStats(samples=n, **values)
+
+
+def _check_counts(warmup: int, repeats: int) -> None:
+    if warmup < 0:
+        raise ValueError(f"warmup={warmup}; expected >= 0")
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats}; expected >= 1")
+
+
+def _time_on_current_stream(fn: Callable[[], object], warmup: int, repeats: int) -> ReplayStats:
+    for _ in range(warmup):
+        fn()
+    # Events are made up front so creating them is not inside the timed region.
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    for start, end in zip(starts, ends, strict=True):
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return ReplayStats.from_samples([s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)])
+
+
+def time_replays(graph: torch.cuda.CUDAGraph, warmup: int = 10, replays: int = 100) -> ReplayStats:
+    """Replay `graph` `warmup` times, then time `replays` replays, one event pair each."""
+    require_cuda("time_replays")
+    _check_counts(warmup, replays)
+    return _time_on_current_stream(graph.replay, warmup, replays)
+
+
+def time_callable(fn: Callable[[], object], warmup: int = 10, repeats: int = 100) -> ReplayStats:
+    """Eager counterpart of `time_replays`: times `fn()` (launch overhead included, as eager runs)."""
+    require_cuda("time_callable")
+    _check_counts(warmup, repeats)
+    return _time_on_current_stream(fn, warmup, repeats)

@@ -1,0 +1,213 @@
+"""The plugin's four settings, read from SGLang's command line or from the environment.
+
+One frozen record, `AdaptiveMoESettings`, travels from the launcher to every spawned
+scheduler process through environment variables (`ENV_VARS`): SGLang spawns its
+schedulers, so monkey-patches and module state of the launcher are lost, but `os.environ`
+is inherited. The offline `sglang.Engine(**kwargs)` rejects unknown keyword arguments, so
+there the environment is the only way in.
+
+Precedence: a flag given on the command line beats the environment, which beats the
+defaults. CLI defaults are therefore `None` ("not given"). An empty environment value
+counts as unset.
+
+    enabled          --enable-adaptive-moe / --no-enable-adaptive-moe   SGLANG_ADAPTIVE_MOE
+    batch_threshold  --adaptive-moe-batch-threshold N                    SGLANG_ADAPTIVE_MOE_BATCH_THRESHOLD
+    policy           --adaptive-moe-policy {measure,threshold}           SGLANG_ADAPTIVE_MOE_POLICY
+    plan_path        --adaptive-moe-plan PATH                            SGLANG_ADAPTIVE_MOE_PLAN
+
+Pure Python: no SGLang, no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+POLICIES: tuple[str, ...] = ("measure", "threshold")
+DEFAULT_BATCH_THRESHOLD = 1536
+
+# Field name -> environment variable.
+ENV_VARS: Mapping[str, str] = MappingProxyType(
+    {
+        "enabled": "SGLANG_ADAPTIVE_MOE",
+        "batch_threshold": "SGLANG_ADAPTIVE_MOE_BATCH_THRESHOLD",
+        "policy": "SGLANG_ADAPTIVE_MOE_POLICY",
+        "plan_path": "SGLANG_ADAPTIVE_MOE_PLAN",
+    }
+)
+
+# Field name -> argparse `dest` of its flag.
+CLI_DESTS: Mapping[str, str] = MappingProxyType(
+    {
+        "enabled": "enable_adaptive_moe",
+        "batch_threshold": "adaptive_moe_batch_threshold",
+        "policy": "adaptive_moe_policy",
+        "plan_path": "adaptive_moe_plan",
+    }
+)
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaptiveMoESettings:
+    """What the plugin does; with `enabled=False` (the default) SGLang runs stock.
+
+    enabled: switch MoE layers between the Triton and triton_kernels runners.
+    batch_threshold: tokens per MoE call at and above which triton_kernels is chosen when
+        no plan gives a crossover (eager batches; decode graphs under policy "threshold").
+    policy: "measure" captures each decode batch size once per kernel and keeps the faster
+        graph; "threshold" captures only the plan's (else the threshold's) choice.
+    plan_path: JSON plan file whose crossover replaces `batch_threshold`; None for none.
+    """
+
+    enabled: bool = False
+    batch_threshold: int = DEFAULT_BATCH_THRESHOLD
+    policy: str = "measure"
+    plan_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enabled, bool):
+            raise TypeError(f"enabled must be a bool, got {self.enabled!r}")
+        threshold = self.batch_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold <= 0:
+            raise ValueError(f"batch_threshold must be a positive int, got {threshold!r}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.plan_path is not None and (not isinstance(self.plan_path, str) or not self.plan_path.strip()):
+            raise ValueError(f"plan_path must be a non-empty path or None, got {self.plan_path!r}")
+
+    def to_env(self) -> dict[str, str]:
+        """Environment variables that make `from_env` rebuild these settings.
+
+        `plan_path=None` is expressed by leaving its variable out; a caller that applies the
+        result to `os.environ` should also remove `ENV_VARS["plan_path"]` in that case.
+        """
+        env = {
+            ENV_VARS["enabled"]: "1" if self.enabled else "0",
+            ENV_VARS["batch_threshold"]: str(self.batch_threshold),
+            ENV_VARS["policy"]: self.policy,
+        }
+        if self.plan_path is not None:
+            env[ENV_VARS["plan_path"]] = self.plan_path
+        return env
+
+
+def parse_bool(text: str, *, name: str = "value") -> bool:
+    """Parse a flag word: 1/true/yes/on -> True, 0/false/no/off -> False (any case, spaces ignored)."""
+    word = text.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise ValueError(f"{name} must be one of 1/true/yes/on or 0/false/no/off, got {text!r}")
+
+
+def parse_positive_int(text: str, *, name: str = "value") -> int:
+    """A decimal integer > 0 ("1536"); anything else raises ValueError naming `name`."""
+    stripped = text.strip()
+    try:
+        number = int(stripped, 10)
+    except ValueError:
+        raise ValueError(f"{name} must be a positive integer, got {text!r}") from None
+    if number <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {text!r}")
+    return number
+
+
+def parse_policy(text: str, *, name: str = "value") -> str:
+    """One of `POLICIES`, case-insensitive."""
+    word = text.strip().lower()
+    if word not in POLICIES:
+        raise ValueError(f"{name} must be one of {'/'.join(POLICIES)}, got {text!r}")
+    return word
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The fields set (non-empty) in `environ`, parsed; errors name the variable."""
+    parsers = {
+        "enabled": parse_bool,
+        "batch_threshold": parse_positive_int,
+        "policy": parse_policy,
+    }
+    fields: dict[str, Any] = {}
+    for field, var in ENV_VARS.items():
+        raw = environ.get(var)
+        if raw is None or not raw.strip():
+            continue
+        fields[field] = parsers[field](raw, name=var) if field in parsers else raw
+    return fields
+
+
+def from_env(environ: Mapping[str, str]) -> AdaptiveMoESettings:
+    """Settings from environment variables (`ENV_VARS`); unset or empty ones keep their defaults."""
+    return AdaptiveMoESettings(**_env_overrides(environ))
+
+
+def _threshold_arg(text: str) -> int:
+    try:
+        return parse_positive_int(text, name="--adaptive-moe-batch-threshold")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    """Add the four flags to `parser`; every default is None so the environment can fill in."""
+    group = parser.add_argument_group("adaptive MoE (moe-dispatch plugin)")
+    group.add_argument(
+        "--enable-adaptive-moe",
+        dest=CLI_DESTS["enabled"],
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=(
+            "Switch unquantized MoE layers between the Triton and triton_kernels runners per decode "
+            f"batch size (env {ENV_VARS['enabled']}; default off)."
+        ),
+    )
+    group.add_argument(
+        "--adaptive-moe-batch-threshold",
+        dest=CLI_DESTS["batch_threshold"],
+        type=_threshold_arg,
+        default=None,
+        metavar="N",
+        help=(
+            "Tokens per MoE call from which triton_kernels is used when no plan gives a crossover "
+            f"(env {ENV_VARS['batch_threshold']}; default {DEFAULT_BATCH_THRESHOLD})."
+        ),
+    )
+    group.add_argument(
+        "--adaptive-moe-policy",
+        dest=CLI_DESTS["policy"],
+        choices=POLICIES,
+        default=None,
+        help=(
+            "measure: capture each decode batch size with both kernels and keep the faster graph; "
+            f"threshold: capture only the plan's or threshold's choice (env {ENV_VARS['policy']}; "
+            "default measure)."
+        ),
+    )
+    group.add_argument(
+        "--adaptive-moe-plan",
+        dest=CLI_DESTS["plan_path"],
+        default=None,
+        metavar="PATH",
+        help=f"Plan file whose crossover replaces the threshold (env {ENV_VARS['plan_path']}).",
+    )
+
+
+def from_cli_namespace(ns: argparse.Namespace, environ: Mapping[str, str]) -> AdaptiveMoESettings:
+    """Settings from a parsed namespace over the environment: a flag given on the CLI wins.
+
+    Attributes the namespace lacks (a parser without our flags) count as not given. The
+    environment is parsed first, so a malformed variable raises even where a flag overrides it.
+    """
+    fields = _env_overrides(environ)
+    for field, dest in CLI_DESTS.items():
+        value = getattr(ns, dest, None)
+        if value is not None:
+            fields[field] = value
+    return AdaptiveMoESettings(**fields)
