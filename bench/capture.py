@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"\ncapture+measure {report.seconds:.1f} s (re-capture of winners {report.recapture_seconds:.1f} s; "
             f"wall incl. kernel prep {wall:.1f} s); graph pool: all variants "
-            f"{report.pool_bytes_all_variants / 2**20:.1f} MiB, winners only {report.pool_bytes_winners / 2**20:.1f} MiB; "
+            f"{report.pool_bytes_all_variants / 2**20:.1f} MiB, "
+            f"winners only {report.pool_bytes_winners / 2**20:.1f} MiB; "
             f"extra weight bytes {moe.extra_weight_bytes}; worst adaptive/fastest {worst:.3f}"
         )
         del moe
