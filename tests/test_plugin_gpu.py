@@ -1,0 +1,298 @@
+"""The SGLang plugin against real SGLang 0.5.17 on a GPU.
+
+Needs the package installed so its entry point exists
+(`pip install --no-deps --no-build-isolation -e .`) and SGLang importable
+(`source .gpu-deps/env.sh`).
+
+HookRegistry keeps class-level state, and `HookRegistry.reset()` forgets hooks without
+un-patching their targets, so applying again after a reset would wrap a target twice.
+This module therefore applies every plugin hook ONCE (module fixture `sglang_env`), and the
+checks that need an unpatched SGLang (plugin discovery, flag off) run in fresh subprocesses.
+"""
+
+import argparse
+import functools
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from moe_dispatch.reference import reference_moe
+from moe_dispatch.sglang_plugin import standalone
+from moe_dispatch.sglang_plugin.settings import ENV_VARS, AdaptiveMoESettings, from_cli_namespace
+from moe_dispatch.spec import GPT_OSS_SWIGLU, MoESpec, Routing
+from moe_dispatch.testing import TOLERANCES, Tolerance, assert_close
+from moe_dispatch.weights import ExpertWeights, random_inputs
+
+pytestmark = pytest.mark.gpu
+
+# A GPT-OSS-shaped layer, small: biases, interleaved SwiGLU(1.702, 7.0), top-k then softmax.
+SPEC = MoESpec(16, 4, 512, 256, GPT_OSS_SWIGLU, bias=True, dtype=torch.bfloat16, routing=Routing.TOPK_SOFTMAX)
+BATCHES = (1, 7, 64, 300)
+CAPTURE_BS = (1, 8, 64)
+# Same kernel, same inputs: only launch-config noise is allowed between plugin and stock.
+SAME = Tolerance(rms=1e-3, max=1e-2)
+
+
+init_single_rank = standalone.init_single_rank
+forward = standalone.forward
+
+
+def build_layer(runner_backend: str, weights: ExpertWeights, layer_id: int = 0):
+    return standalone.build_layer(SPEC, runner_backend, weights, layer_id)
+
+
+@pytest.fixture(scope="module")
+def weights():
+    return ExpertWeights.random(SPEC, device="cuda", seed=0)
+
+
+@pytest.fixture(scope="module")
+def sglang_env():
+    """One-rank SGLang state and every plugin hook applied once (see the module docstring)."""
+    init_single_rank()
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    from moe_dispatch.sglang_plugin import decode_capture, launcher_hooks, layer_hooks
+    from moe_dispatch.sglang_plugin.kernel_switch import SWITCH
+
+    SWITCH.configure(AdaptiveMoESettings(enabled=True))
+    launcher_hooks.register()
+    layer_hooks.register()
+    decode_capture.register()
+    HookRegistry.apply_hooks()
+    return SWITCH
+
+
+@pytest.fixture(scope="module")
+def layers(sglang_env, weights):
+    """(adaptive pair, stock triton pair, stock triton_kernel pair), all built after the hooks applied."""
+    from moe_dispatch.sglang_plugin.layer_hooks import enable_for_layer
+
+    adaptive = build_layer("triton", weights)
+    support = enable_for_layer(*adaptive)
+    assert support, support.reason
+    return adaptive, build_layer("triton", weights), build_layer("triton_kernel", weights)
+
+
+@pytest.fixture
+def env_guard():
+    saved = {var: os.environ.get(var) for var in ENV_VARS.values()}
+    yield
+    for var, value in saved.items():
+        if value is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = value
+
+
+# --- (1) discovery, (5) flag off: fresh processes with SGLang's own plugin loader ----------------
+
+PROBE = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from sglang.srt.plugins import load_plugins
+from sglang.srt.plugins.hook_registry import HookRegistry
+from moe_dispatch.sglang_plugin import targets
+hooked = targets.LAUNCHER_TARGETS + targets.SCHEDULER_TARGETS
+before = {t: targets.resolve(t) for t in hooked}
+load_plugins()
+after = {t: targets.resolve(t) for t in hooked}
+out = {"patched": sorted(t for t in hooked if before[t] is not after[t]), "registered": sorted(HookRegistry._hooks)}
+if len(sys.argv) > 2:  # also run a stock layer here and save its output
+    import torch
+    import test_plugin_gpu as t
+    t.init_single_rank()
+    w = t.ExpertWeights.random(t.SPEC, device="cuda", seed=0)
+    x, logits = t.random_inputs(t.SPEC, 64, device="cuda", seed=64)
+    torch.save(t.forward(*t.build_layer("triton", w), x, logits).cpu(), sys.argv[2])
+print(json.dumps(out))
+"""
+
+
+def run_probe(adaptive_env: str | None, layer_out: Path | None = None) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ENV_VARS.values()}
+    env["SGLANG_PLUGINS"] = "moe_dispatch"
+    if adaptive_env is not None:
+        env[ENV_VARS["enabled"]] = adaptive_env
+    argv = [sys.executable, "-c", PROBE, str(Path(__file__).parent)] + ([str(layer_out)] if layer_out else [])
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_entry_point_is_discovered_and_loaded_by_sglang():
+    from moe_dispatch import sglang_plugin
+    from moe_dispatch.sglang_plugin import targets
+
+    (ep,) = [ep for ep in importlib.metadata.entry_points(group="sglang.srt.plugins") if ep.name == "moe_dispatch"]
+    assert ep.value == "moe_dispatch.sglang_plugin:load" and ep.load() is sglang_plugin.load
+    probe = run_probe(adaptive_env="1")  # SGLang's load_plugins() ran our load(): targets patched
+    assert set(targets.LAUNCHER_TARGETS + targets.SCHEDULER_TARGETS) <= set(probe["patched"])
+
+
+def test_flag_off_patches_no_scheduler_target(tmp_path, weights, sglang_env, layers):
+    from moe_dispatch.sglang_plugin import targets
+
+    probe = run_probe(adaptive_env=None, layer_out=tmp_path / "stock.pt")
+    assert probe["patched"] == sorted(targets.LAUNCHER_TARGETS)  # flags only; inert while off
+    assert not set(targets.SCHEDULER_TARGETS) & set(probe["registered"])
+    # The truly stock layer (unpatched process) and this process's un-paired layer agree.
+    stock = torch.load(tmp_path / "stock.pt")
+    x, logits = random_inputs(SPEC, 64, device="cuda", seed=64)
+    _, stock_triton, _ = layers
+    assert torch.equal(forward(*stock_triton, x, logits).cpu(), stock)
+
+
+# --- (2) the flags through SGLang's real parser and ServerArgs ---------------------------------
+
+
+def test_flags_parse_through_sglang_argument_parser(sglang_env, env_guard):
+    from sglang.srt.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    argv = ["--model-path", "dummy", "--enable-adaptive-moe", "--adaptive-moe-batch-threshold", "512"]
+    argv += ["--adaptive-moe-policy", "threshold", "--adaptive-moe-plan", "/tmp/moe-plan.json"]
+    ns = parser.parse_args(argv)
+    assert from_cli_namespace(ns, {}) == AdaptiveMoESettings(True, 512, "threshold", "/tmp/moe-plan.json")
+    assert ns.moe_runner_backend == "auto"  # SGLang's own flags still parse
+    assert from_cli_namespace(parser.parse_args(["--model-path", "dummy"]), {}) == AdaptiveMoESettings()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--model-path", "dummy", "--adaptive-moe-policy", "fastest"])
+
+    # from_cli_args publishes the settings for children; __post_init__ then refuses triton_kernel.
+    ns = parser.parse_args(["--model-path", "dummy", "--enable-adaptive-moe", "--moe-runner-backend", "triton_kernel"])
+    with pytest.raises(ValueError, match="moe_runner_backend='triton_kernel'"):
+        ServerArgs.from_cli_args(ns)
+    assert os.environ[ENV_VARS["enabled"]] == "1" and os.environ[ENV_VARS["batch_threshold"]] == "1536"
+
+
+# --- (3) same result as stock SGLang with each backend forced -----------------------------------
+
+
+@pytest.mark.parametrize("num_tokens", BATCHES)
+def test_layer_matches_stock_with_each_backend(sglang_env, layers, weights, num_tokens):
+    from moe_dispatch.sglang_plugin.kernel_switch import EagerRule
+    from moe_dispatch.sglang_plugin.layer_hooks import extra_weight_bytes
+
+    switch = sglang_env
+    (topk, moe), stock_triton, stock_tk = layers
+    x, logits = random_inputs(SPEC, num_tokens, device="cuda", seed=num_tokens)
+    ref = reference_moe(SPEC, weights, x, logits)
+    expected = {
+        "triton": forward(*stock_triton, x, logits),
+        "triton_kernels": forward(*stock_tk, x, logits, "triton_kernel"),
+    }
+    for kernel, stock in expected.items():
+        with switch.forced(kernel):
+            out = forward(topk, moe, x, logits)
+        assert topk.topk_config.output_format is None, "the per-call format must be restored"
+        assert_close(out, stock, SPEC.dtype, f"plugin {kernel} vs stock T={num_tokens}", tol=SAME)
+        assert_close(out, ref, SPEC.dtype, f"plugin {kernel} vs reference T={num_tokens}", tol=TOLERANCES[SPEC.dtype])
+    # Eager rule: threshold 1536 -> triton here; a crossover at 64 -> triton_kernels from 64 tokens.
+    assert_close(forward(topk, moe, x, logits), expected["triton"], SPEC.dtype, "eager, threshold", tol=SAME)
+    saved = switch.rule
+    switch.rule = EagerRule(1536, 64, "test")
+    try:
+        want = expected["triton_kernels" if num_tokens >= 64 else "triton"]
+        assert_close(forward(topk, moe, x, logits), want, SPEC.dtype, "eager, crossover 64", tol=SAME)
+    finally:
+        switch.rule = saved
+    assert extra_weight_bytes(moe) == 0
+
+
+def test_unsupported_layers_are_refused(sglang_env, layers):
+    from moe_dispatch.sglang_plugin.layer_hooks import layer_support
+
+    _, _, (tk_topk, tk_moe) = layers
+    answer = layer_support(tk_topk, tk_moe)
+    assert not answer and "needs triton" in answer.reason
+    stock_topk, stock_moe = layers[1]
+    assert not layer_support(stock_moe, stock_moe) and layer_support(stock_topk, stock_moe)
+
+
+# --- (4) capture through SGLang's real FullCudaGraphBackend -------------------------------------
+
+
+def _backend():
+    from sglang.srt.distributed.parallel_state import get_tp_group
+    from sglang.srt.model_executor.runner_backend.full_cuda_graph_backend import FullCudaGraphBackend
+
+    # FullCudaGraphBackend reads only these two attributes of its runner.
+    runner = SimpleNamespace(device_module=torch.cuda, model_runner=SimpleNamespace(tp_group=get_tp_group()))
+    return FullCudaGraphBackend(runner)
+
+
+def _capture(capture, topk, moe):
+    """Drive capture like DecodeCudaGraphRunner: largest bs first, one static input buffer."""
+    from sglang.srt.model_executor.runner.shape_key import ShapeKey
+    from sglang.srt.model_executor.runner_backend.full_cuda_graph_backend import FullCudaGraphBackend
+
+    x, logits = random_inputs(SPEC, max(CAPTURE_BS), device="cuda", seed=1)
+    with capture.backend.capture_session(torch.cuda.Stream()):
+        for bs in sorted(CAPTURE_BS, reverse=True):
+            fn = functools.partial(forward, topk, moe, x[:bs], logits[:bs])
+            capture.capture_one(
+                FullCudaGraphBackend.capture_one, capture.backend, ShapeKey(bs), fn, post_warmup_hook=None
+            )
+    return x, logits, capture.select()
+
+
+def _check_replays(backend, switch, topk, moe, weights, x, logits, winners):
+    from sglang.srt.model_executor.runner.shape_key import ShapeKey
+
+    for bs, kernel in winners.items():
+        new_x, new_logits = random_inputs(SPEC, bs, device="cuda", seed=100 + bs)
+        x[:bs].copy_(new_x)
+        logits[:bs].copy_(new_logits)
+        out = backend.replay(ShapeKey(bs), None).clone()  # through the NVTX replay hook
+        with switch.forced(kernel):
+            eager = forward(topk, moe, new_x, new_logits)
+        assert_close(out, eager, SPEC.dtype, f"replay bs={bs} {kernel} vs eager", tol=SAME)
+        ref = reference_moe(SPEC, weights, new_x, new_logits)
+        assert_close(out, ref, SPEC.dtype, f"replay bs={bs} {kernel} vs reference", tol=TOLERANCES[SPEC.dtype])
+
+
+def test_capture_keeps_the_measured_winner(sglang_env, layers, weights):
+    from sglang.srt.model_executor.runner.shape_key import ShapeKey
+
+    from graphs.selection import pick_fastest
+    from moe_dispatch.sglang_plugin.decode_capture import MultiKernelCapture, format_report
+
+    (topk, moe), _, _ = layers
+    capture = MultiKernelCapture(_backend(), timed_replays=20, warmup_replays=3)
+    x, logits, report = _capture(capture, topk, moe)
+    print(format_report(report, 0))
+    assert sorted(r.bucket for r in report.rows) == sorted(CAPTURE_BS) and report.measured
+    for row in report.rows:
+        assert set(row.times_ms) == {"triton", "triton_kernels"} and all(t > 0 for t in row.times_ms.values())
+        assert row.winner == pick_fastest(row.times_ms) and row.margin >= 1.0
+        assert set(row.capture_s) == {"triton", "triton_kernels"}
+    backend = capture.backend
+    assert set(backend._graphs) == set(backend._outputs) == {ShapeKey(bs) for bs in CAPTURE_BS}  # losers gone
+    assert {k.size: v for k, v in backend._moe_dispatch_kernels.items()} == report.winners()
+    _check_replays(backend, sglang_env, topk, moe, weights, x, logits, report.winners())
+
+
+@pytest.mark.parametrize("mode", ["plan", "threshold"])
+def test_capture_with_plan_or_threshold_captures_once(sglang_env, layers, weights, mode):
+    from moe_dispatch.sglang_plugin.decode_capture import MultiKernelCapture
+
+    (topk, moe), _, _ = layers
+    if mode == "plan":
+        want = {1: "triton_kernels", 8: "triton", 64: "triton_kernels"}
+        capture = MultiKernelCapture(_backend(), plan_choice=want)
+    else:
+        want = {1: "triton", 8: "triton_kernels", 64: "triton_kernels"}
+        capture = MultiKernelCapture(_backend(), policy="threshold", threshold=8)
+    x, logits, report = _capture(capture, topk, moe)
+    assert report.winners() == want and not report.measured
+    assert all(list(r.capture_s) == [want[r.bucket]] for r in report.rows)
+    _check_replays(capture.backend, sglang_env, topk, moe, weights, x, logits, want)
