@@ -21,7 +21,9 @@ $(VENV)/.installed: pyproject.toml
 test: install
 	$(VPY) -m pytest -q -m "not gpu" tests
 
+# Installs this checkout (editable, no deps) so SGLang's plugin loader finds the entry point.
 test-gpu:
+	$(PYTHON) -m pip install -q --no-deps --no-build-isolation -e .
 	$(PYTHON) -m pytest -q -m gpu tests
 
 bench:
