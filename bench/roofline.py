@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import statistics
 from collections.abc import Callable
 
 import torch
 
+from graphs.timing import time_callable
 from moe_dispatch.spec import MoESpec
 
 _BIAS_BYTES = 4  # SGLang keeps expert biases in float32 whatever the weight dtype
@@ -156,18 +156,7 @@ def _check_positive(name: str, value: int) -> None:
 def _median_event_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 3) -> float:
     """Median over `repeats` of fn()'s GPU time in ms, each call bracketed by CUDA events."""
     with torch.cuda.device(device):
-        for _ in range(warmup):
-            fn()
-        torch.cuda.synchronize()
-        pairs = []
-        for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            pairs.append((start, end))
-        torch.cuda.synchronize()
-    return statistics.median(start.elapsed_time(end) for start, end in pairs)
+        return time_callable(fn, warmup=warmup, repeats=repeats).median_ms
 
 
 def measure_hbm_bandwidth(device: torch.device | str, nbytes: int = 2**30, repeats: int = 20) -> float:
