@@ -16,6 +16,7 @@ import pytest
 
 import moe_dispatch.sglang_plugin as plugin
 from moe_dispatch.plan import PlanMetadata
+from moe_dispatch.policy import crossover_from_winners
 from moe_dispatch.sglang_plugin import decode_capture, launcher_hooks, targets
 from moe_dispatch.sglang_plugin.decode_capture import (
     CaptureReport,
@@ -24,7 +25,7 @@ from moe_dispatch.sglang_plugin.decode_capture import (
     format_report,
     plan_from_report,
 )
-from moe_dispatch.sglang_plugin.kernel_switch import KERNELS, EagerRule, KernelSwitch, crossover_from_winners
+from moe_dispatch.sglang_plugin.kernel_switch import KERNELS, EagerRule, KernelSwitch
 from moe_dispatch.sglang_plugin.settings import ENV_VARS, AdaptiveMoESettings
 from moe_dispatch.spec import preset
 

@@ -21,7 +21,13 @@ import dataclasses
 import weakref
 from collections.abc import Iterator, Mapping
 
-from moe_dispatch.policy import DEFAULT_THRESHOLD, LARGE_BATCH_KERNEL, SMALL_BATCH_KERNEL, threshold_kernel
+from moe_dispatch.policy import (
+    DEFAULT_THRESHOLD,
+    LARGE_BATCH_KERNEL,
+    SMALL_BATCH_KERNEL,
+    crossover_from_winners,
+    threshold_kernel,
+)
 from moe_dispatch.sglang_plugin.settings import AdaptiveMoESettings
 from moe_dispatch.spec import MoESpec
 
@@ -33,20 +39,6 @@ def check_kernel(kernel: str) -> str:
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
     return kernel
-
-
-def crossover_from_winners(winners: Mapping[int, str]) -> int | None:
-    """Smallest bucket from which every larger bucket chose triton_kernels; None if the largest chose triton.
-
-    {1: triton, 64: triton_kernels, 128: triton, 256: triton_kernels} -> 256: only the trailing
-    run counts, so a noisy win in the middle does not send everything above it to triton_kernels.
-    """
-    crossover = None
-    for bucket in sorted(winners, reverse=True):
-        if winners[bucket] != LARGE_BATCH_KERNEL:
-            break
-        crossover = bucket
-    return crossover
 
 
 @dataclasses.dataclass(frozen=True)
