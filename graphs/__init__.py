@@ -15,9 +15,10 @@ Serving (`BucketedGraphs.run` / `replay`): bucket = smallest captured size >= T
 Profiler ranges are named by the caller through a `RangeNamer` (ranges.py).
 """
 
-from graphs.bucketed import BucketedGraphs, BucketResult, CaptureReport, MemoryReading
+from graphs.bucketed import BucketedGraphs, CaptureReport, MemoryReading
 from graphs.buckets import DEFAULT_BUCKETS, bucket_for, padding_rows, validate_buckets
 from graphs.capture import CapturedGraph, CaptureError, capture, require_cuda
+from graphs.measure import BucketResult, Measurement, TimingPlan, measure_buckets
 from graphs.ranges import STAGES, RangeNamer, no_ranges
 from graphs.selection import agree_across_ranks, margin, pick_fastest
 from graphs.timing import ReplayStats, time_callable, time_replays
@@ -25,11 +26,13 @@ from graphs.timing import ReplayStats, time_callable, time_replays
 __all__ = [
     "DEFAULT_BUCKETS",
     "STAGES",
+    "TimingPlan",
     "BucketResult",
     "BucketedGraphs",
     "CaptureError",
     "CaptureReport",
     "CapturedGraph",
+    "Measurement",
     "MemoryReading",
     "RangeNamer",
     "ReplayStats",
@@ -37,6 +40,7 @@ __all__ = [
     "bucket_for",
     "capture",
     "margin",
+    "measure_buckets",
     "no_ranges",
     "padding_rows",
     "pick_fastest",

@@ -1,10 +1,8 @@
 """`BucketedGraphs`: one CUDA graph per (bucket, variant), timed, the fastest kept per bucket, replayed by size.
 
-Capture (`BucketedGraphs.capture`), largest bucket first so smaller graphs reuse the
-pool's freed blocks:
-    for each bucket: capture every variant on static_inputs[i][:bucket] into a scratch
-    pool -> time its replays
-    -> agree_across_ranks (MAX of every rank's table) -> pick_fastest per bucket
+Capture (`BucketedGraphs.capture`):
+    graphs.measure.measure_buckets: every variant per bucket into a scratch pool, largest
+    bucket first, replays timed, agree_across_ranks (MAX), pick_fastest per bucket
     -> drop every scratch graph and output, synchronize + empty_cache (the scratch pool,
        losers included, goes back to the device)
     -> re-capture each bucket's winner, largest first, into a fresh serving pool.
@@ -25,35 +23,15 @@ row-independent (output row r depends only on input row r) for padding to be har
 from __future__ import annotations
 
 import time
-import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from graphs.buckets import DEFAULT_BUCKETS, bucket_for, validate_buckets
 from graphs.capture import CapturedGraph, CaptureError, capture, require_cuda
+from graphs.measure import BucketResult, TimingPlan, check_rows, measure_buckets
 from graphs.ranges import RangeNamer, no_ranges
-from graphs.selection import agree_across_ranks, margin, pick_fastest
-from graphs.timing import ReplayStats, time_replays
-
-
-@dataclass(frozen=True)
-class BucketResult:
-    """What capture decided for one bucket.
-
-    `timings_ms` holds this rank's replay times, empty when the variant was chosen (not
-    measured); `winner` and `margin` (runner-up / winner, None when chosen) come from the
-    cross-rank table, so they match on every rank. `seconds` is wall time to capture and
-    measure the bucket; `dropped` maps variants whose capture failed to the error.
-    """
-
-    bucket: int
-    winner: str
-    timings_ms: dict[str, ReplayStats]
-    margin: float | None
-    seconds: float
-    dropped: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -144,24 +122,6 @@ def _check_devices(static: Sequence[torch.Tensor]) -> None:
             raise ValueError(f"static_inputs[{i}] is on {t.device}; expected the current CUDA device {here}")
 
 
-def _check_rows(name: str, bucket: int, out: torch.Tensor) -> None:
-    if out.dim() == 0 or out.shape[0] != bucket:
-        raise ValueError(
-            f"variant {name!r} returned shape {tuple(out.shape)} at bucket {bucket}; expected "
-            f"{bucket} leading rows (one output row per input row)"
-        )
-
-
-@dataclass(frozen=True)
-class _Measured:
-    """One bucket's local capture results, before cross-rank selection."""
-
-    graphs: dict[str, CapturedGraph]
-    stats: dict[str, ReplayStats]
-    dropped: dict[str, str]
-    seconds: float
-
-
 class BucketedGraphs:
     """Captures every variant per bucket, keeps the fastest, and replays it by batch size.
 
@@ -207,14 +167,9 @@ class BucketedGraphs:
                     f"static_inputs[{i}] has shape {tuple(t.shape)}; expected a leading dim >= the largest "
                     f"bucket {self._buckets[-1]}"
                 )
-        if warmup_replays < 0:
-            raise ValueError(f"warmup_replays={warmup_replays}; expected >= 0")
-        if timed_replays < 1:
-            raise ValueError(f"timed_replays={timed_replays}; expected >= 1")
+        self._timing = TimingPlan(warmup_replays, timed_replays)
         self._variants = dict(variants)
         self._static = tuple(static_inputs)
-        self._warmup = warmup_replays
-        self._replays = timed_replays
         self._keep_all = keep_all
         self._ranges = ranges
         # Skipping the `with` for the default keeps the replay path free of a context-manager object.
@@ -252,22 +207,23 @@ class BucketedGraphs:
         start = time.perf_counter()
         stream = torch.cuda.Stream()
         before = _read_memory()
-        plan = [(b, (chosen[b],) if b in chosen else tuple(self._variants)) for b in reversed(self._buckets)]
         # Re-capture only when there were losers to free: some bucket had more than one candidate.
-        recapture = not self._keep_all and any(len(names) > 1 for _, names in plan)
-        total = sum(len(names) for _, names in plan)
-        steps = iter(range(1, total + 1))  # one progress step per (bucket, variant)
-        pool = torch.cuda.graph_pool_handle()  # the scratch pool when re-capturing, else the serving pool
-        measured: dict[int, _Measured] = {}
-        for b, names in plan:  # a plain loop, so warnings' stacklevel reaches the caller of capture()
-            measured[b] = self._capture_bucket(b, names, b not in chosen, pool, stream, steps, total)
+        recapture = not self._keep_all and len(self._variants) > 1 and any(b not in chosen for b in self._buckets)
+        measured = measure_buckets(
+            self._variants,
+            self._static,
+            self._buckets,
+            torch.cuda.graph_pool_handle(),  # the scratch pool when re-capturing, else the serving pool
+            stream,
+            choose=chosen,
+            timing=self._timing,
+            ranges=self._ranges,
+            progress=self._progress,
+            group=self._group,
+        )
         all_variants = _read_memory()
-
-        # Every rank reaches this collective, even one whose captures all failed, so none is left waiting.
-        local = {b: {n: s.median_ms for n, s in m.stats.items()} for b, m in measured.items() if b not in chosen}
-        agreed = agree_across_ranks(local, list(self._variants), self._group)
-        results = self._select(measured, chosen, agreed)
-        winners = {r.bucket: r.winner for r in results}
+        results = list(measured.results)
+        winners = measured.winners()
         recapture_seconds = 0.0
         if recapture:
             # `measured` holds the only references to the scratch graphs and outputs; once they are
@@ -280,7 +236,8 @@ class BucketedGraphs:
         else:
             # Dropping the last references frees the losers' graphs and outputs (back into the pool).
             kept = {
-                b: dict(m.graphs) if self._keep_all else {winners[b]: m.graphs[winners[b]]} for b, m in measured.items()
+                b: dict(graphs) if self._keep_all else {winners[b]: graphs[winners[b]]}
+                for b, graphs in measured.graphs.items()
             }
             del measured
         self._kept = kept
@@ -313,72 +270,9 @@ class BucketedGraphs:
                 raise RuntimeError(
                     f"bucket {b}: winner {name!r} failed to re-capture into the serving pool: {exc}"
                 ) from exc
-            _check_rows(name, b, captured.output)
+            check_rows(name, b, captured.output)
             kept[b] = {name: captured}
         return kept
-
-    def _capture_bucket(
-        self,
-        bucket: int,
-        names: tuple[str, ...],
-        timed: bool,
-        pool: tuple[int, int],
-        stream: torch.cuda.Stream,
-        steps: Iterator[int],
-        total: int,
-    ) -> _Measured:
-        start = time.perf_counter()
-        args = tuple(t[:bucket] for t in self._static)
-        graphs: dict[str, CapturedGraph] = {}
-        stats: dict[str, ReplayStats] = {}
-        dropped: dict[str, str] = {}
-        for name in names:
-            prefix = f"[{next(steps)}/{total}] bs={bucket} {name}"
-            try:
-                with self._ranges("capture", bucket, name):
-                    captured = capture(self._variants[name], args, pool, stream)
-            except CaptureError as exc:
-                dropped[name] = str(exc)
-                warnings.warn(f"dropping variant {name!r} at bucket {bucket}: {exc}", RuntimeWarning, stacklevel=3)
-                self._say(f"{prefix}: dropped ({exc})")
-                continue
-            _check_rows(name, bucket, captured.output)
-            graphs[name] = captured
-            if not timed:
-                self._say(f"{prefix}: captured (chosen, not timed)")
-                continue
-            with self._ranges("measure", bucket, name):
-                stats[name] = time_replays(captured.graph, self._warmup, self._replays)
-            self._say(f"{prefix}: {stats[name].median_ms:.3f} ms")
-        return _Measured(graphs, stats, dropped, time.perf_counter() - start)
-
-    def _select(
-        self, measured: Mapping[int, _Measured], chosen: Mapping[int, str], agreed: Mapping[int, Mapping[str, float]]
-    ) -> list[BucketResult]:
-        """One BucketResult per bucket, ascending: the chosen variant, or the fastest in the cross-rank table."""
-        results = []
-        for b in self._buckets:
-            m = measured[b]
-            if b in chosen:
-                winner, gap = chosen[b], None
-                if winner not in m.graphs:
-                    raise RuntimeError(f"bucket {b}: chosen variant {winner!r} failed to capture: {m.dropped[winner]}")
-            else:
-                row = agreed[b]
-                if not row:
-                    raise RuntimeError(self._no_variant_left(b, m))
-                winner = pick_fastest(row)
-                gap = margin(row, winner)
-            assert winner in m.graphs, (b, winner, sorted(m.graphs))
-            results.append(BucketResult(b, winner, m.stats, gap, m.seconds, m.dropped))
-        return results
-
-    @staticmethod
-    def _no_variant_left(bucket: int, m: _Measured) -> str:
-        if not m.graphs:
-            errors = "; ".join(f"{name}: {error}" for name, error in m.dropped.items())
-            return f"bucket {bucket}: every variant failed to capture: {errors}"
-        return f"bucket {bucket}: variants {sorted(m.graphs)} captured on this rank, but each failed on another rank"
 
     def _say(self, line: str) -> None:
         if self._progress is not None:

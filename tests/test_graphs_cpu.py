@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import graphs.bucketed as bucketed
+import graphs.measure as measure
 from graphs import (
     DEFAULT_BUCKETS,
     BucketedGraphs,
@@ -330,8 +331,9 @@ def fake_cuda(monkeypatch):
     fake = _FakeCuda()
     monkeypatch.setattr(bucketed, "require_cuda", lambda what: None)
     monkeypatch.setattr(bucketed, "_check_devices", lambda static: None)
-    monkeypatch.setattr(bucketed, "capture", fake.capture)
-    monkeypatch.setattr(bucketed, "time_replays", _fake_time)
+    monkeypatch.setattr(bucketed, "capture", fake.capture)  # the winners' re-capture
+    monkeypatch.setattr(measure, "capture", fake.capture)  # measure_buckets' captures
+    monkeypatch.setattr(measure, "time_replays", _fake_time)
     monkeypatch.setattr(bucketed, "_read_memory", lambda: bucketed.MemoryReading(0, 0))
     monkeypatch.setattr(bucketed, "_release_cached", fake.release)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", fake.pool)
@@ -441,7 +443,7 @@ def test_fake_winner_comes_from_the_cross_rank_table(fake_cuda, monkeypatch):
     def another_rank_lacks_small(table, variants, group=None):
         return {b: {n: ms for n, ms in row.items() if n != "small"} for b, row in table.items()}
 
-    monkeypatch.setattr(bucketed, "agree_across_ranks", another_rank_lacks_small)
+    monkeypatch.setattr(measure, "agree_across_ranks", another_rank_lacks_small)
     g = BucketedGraphs(_fake_variants(), [torch.ones(16, 3)], FAKE_BUCKETS)
     report = g.capture()
     assert set(g.winners.values()) == {"large"}
