@@ -7,8 +7,6 @@ fixed     one kernel everywhere.
 Above the largest captured bucket the call runs eagerly; `eager_kernel` names the
 kernel from the measured winners (the largest bucket's winner: the crossover the
 measurements show continues past the captured range) or from the threshold/fixed rule.
-`crossover_from_winners` is the SGLang plugin's eager rule for any batch size (prefill
-included): triton_kernels from the start of the winners' trailing triton_kernels run.
 """
 
 from __future__ import annotations
@@ -66,20 +64,6 @@ def static_choice(
     if missing:
         raise ValueError(f"threshold policy needs kernel(s) {missing}, not among the candidates {list(candidates)}")
     return choice
-
-
-def crossover_from_winners(winners: Mapping[int, str]) -> int | None:
-    """Smallest bucket from which every larger bucket chose triton_kernels; None if the largest chose triton.
-
-    {1: triton, 64: triton_kernels, 128: triton, 256: triton_kernels} -> 256: only the trailing
-    run counts, so a noisy win in the middle does not send everything above it to triton_kernels.
-    """
-    crossover = None
-    for bucket in sorted(winners, reverse=True):
-        if winners[bucket] != LARGE_BATCH_KERNEL:
-            break
-        crossover = bucket
-    return crossover
 
 
 def eager_kernel(

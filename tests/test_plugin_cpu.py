@@ -1,5 +1,5 @@
 """The SGLang plugin without SGLang or a GPU: load(), the target table, the kernel switch,
-the launcher hooks on plain objects, and the capture/selection core driven by a fake backend.
+the launcher hooks on plain objects, and the start-up (sizes, rules, plan, probe table) driven by fakes.
 
 SGLang is hidden by mapping every `sglang*` module to None in sys.modules (restored after
 each test), so these tests behave the same on a machine that has SGLang installed.
@@ -15,17 +15,16 @@ import types
 import pytest
 
 import moe_dispatch.sglang_plugin as plugin
-from moe_dispatch.plan import PlanMetadata
-from moe_dispatch.policy import crossover_from_winners
-from moe_dispatch.sglang_plugin import decode_capture, launcher_hooks, targets
-from moe_dispatch.sglang_plugin.decode_capture import (
-    CaptureReport,
-    MultiKernelCapture,
-    ShapeRow,
-    format_report,
-    plan_from_report,
+from moe_dispatch.plan import Plan, PlanMetadata
+from moe_dispatch.sglang_plugin import launcher_hooks, probe, startup, targets
+from moe_dispatch.sglang_plugin.kernel_switch import (
+    KERNELS,
+    FixedRule,
+    KernelSwitch,
+    SizeRule,
+    ThresholdRule,
+    static_rule,
 )
-from moe_dispatch.sglang_plugin.kernel_switch import KERNELS, EagerRule, KernelSwitch
 from moe_dispatch.sglang_plugin.settings import ENV_VARS, AdaptiveMoESettings
 from moe_dispatch.spec import preset
 
@@ -62,7 +61,7 @@ def test_target_table_shape():
         assert target.count(".") >= 3, f"{target} is not module.Class.attr"
     assert set(targets.SIGNATURES) <= set(targets.LAUNCHER_TARGETS + targets.SCHEDULER_TARGETS)
     hooked = {target.rsplit(".", 1)[1] for target in targets.SCHEDULER_TARGETS}
-    assert {"forward_cuda", "create_moe_runner", "load_model", "capture", "capture_one_shape", "replay"} <= hooked
+    assert {"forward_cuda", "create_moe_runner", "load_model", "init_cuda_graphs", "replay"} <= hooked
 
 
 def test_verify_targets_without_sglang_lists_every_target(no_sglang):
@@ -138,32 +137,55 @@ def test_threshold_rule_and_configure():
     switch = KernelSwitch()
     assert switch.kernel_for(1535) == "triton" and switch.kernel_for(1536) == "triton_kernels"
     switch.configure(AdaptiveMoESettings(enabled=True, batch_threshold=8))
-    assert switch.rule == EagerRule(8) and switch.kernel_for(7) == "triton" and switch.kernel_for(8) == "triton_kernels"
+    assert switch.rule == ThresholdRule(8)
+    assert switch.kernel_for(7) == "triton" and switch.kernel_for(8) == "triton_kernels"
+    with pytest.raises(ValueError, match="threshold must be a positive int, got 0"):
+        ThresholdRule(0)
+
+
+def test_fixed_policy_gives_one_kernel_everywhere():
+    settings = AdaptiveMoESettings(enabled=True, policy="fixed", kernel="triton_kernels")
+    rule = static_rule(settings)
+    assert rule == FixedRule("triton_kernels") and {rule.kernel_for(n) for n in (1, 64, 9000)} == {"triton_kernels"}
+    with pytest.raises(ValueError, match="unknown kernel 'cutlass'"):
+        FixedRule("cutlass")
+
+
+def test_size_rule_rounds_up_and_keeps_the_largest_winner_above():
+    rule = SizeRule.from_winners(
+        {1: "triton", 8: "triton", 32: "triton_kernels", 512: "triton", 8192: "triton_kernels"}
+    )
+    assert [rule.kernel_for(n) for n in (0, 1, 2, 8, 9, 32, 33, 512, 513, 8192, 20000)] == [
+        "triton",
+        "triton",
+        "triton",
+        "triton",
+        "triton_kernels",
+        "triton_kernels",
+        "triton",
+        "triton",
+        "triton_kernels",
+        "triton_kernels",
+        "triton_kernels",
+    ]
+    assert rule.describe() == (
+        "triton for 1-8, triton_kernels for 32, triton for 512, triton_kernels for 8192 tokens and above (measured)"
+    )
 
 
 @pytest.mark.parametrize(
-    ("winners", "crossover"),
+    ("sizes", "kernels", "match"),
     [
-        ({1: "triton", 8: "triton", 256: "triton"}, None),
-        ({1: "triton", 8: "triton_kernels", 256: "triton_kernels"}, 8),
-        ({1: "triton_kernels", 64: "triton", 128: "triton", 256: "triton_kernels"}, 256),
-        ({1: "triton_kernels", 2: "triton_kernels"}, 1),
-        ({}, None),
+        ((), (), "one kernel per size"),
+        ((1, 2), ("triton",), "one kernel per size"),
+        ((2, 1), ("triton", "triton"), "strictly increasing"),
+        ((0, 1), ("triton", "triton"), "positive"),
+        ((1,), ("cutlass",), "unknown kernel"),
     ],
 )
-def test_crossover_is_the_trailing_triton_kernels_run(winners, crossover):
-    assert crossover_from_winners(winners) == crossover
-
-
-def test_plan_crossover_replaces_threshold():
-    rule = EagerRule.from_winners({1: "triton", 64: "triton_kernels", 256: "triton_kernels"}, 1536, "plan p.json")
-    assert (rule.crossover, rule.source) == (64, "plan p.json")
-    assert rule.kernel_for(63) == "triton" and rule.kernel_for(64) == "triton_kernels"
-    assert rule.kernel_for(4096) == "triton_kernels" and "plan p.json crossover" in rule.describe()
-    none = EagerRule.from_winners({1: "triton", 256: "triton"}, 1536, "measured")
-    assert none == EagerRule(1536) and none.kernel_for(1000) == "triton" and none.kernel_for(2000) == "triton_kernels"
-    with pytest.raises(ValueError, match="threshold must be a positive int, got 0"):
-        EagerRule(0)
+def test_size_rule_rejects_bad_tables(sizes, kernels, match):
+    with pytest.raises(ValueError, match=match):
+        SizeRule(sizes, kernels)
 
 
 def test_adaptive_topks_are_held_weakly():
@@ -271,165 +293,140 @@ def test_post_init_names_a_malformed_env_var(clean_env):
 # --- the capture/selection core with a fake graph backend ----------------------------------------
 
 
-class FakeGraph:
-    def __init__(self, kernel):
-        self.kernel = kernel
-        self.was_reset = False
-
-    def reset(self):
-        self.was_reset = True
+# --- start-up: sizes, plan, probe table, rule choice ---------------------------------------------
 
 
-class FakeBackend:
-    """Stands in for FullCudaGraphBackend: `_graphs`/`_outputs` by key, `replay` returns the output."""
-
-    def __init__(self):
-        self._graphs, self._outputs, self.replayed = {}, {}, []
-
-    def replay(self, key, batch):
-        self.replayed.append((key, self._graphs[key].kernel))
-        return self._outputs[key]
+def test_sizes_cover_decode_prefill_and_eager_sizes():
+    sizes = startup.sizes_to_measure([1, 2, 4, 256], [64, 512, 1024, 9000], 4096)
+    assert sizes == (1, 2, 4, 64, 256, 512, 1024, 2048, 4096)  # 9000 is above every eager call
+    assert startup.sizes_to_measure([1], [], None)[-1] == startup.DEFAULT_MAX_TOKENS
+    assert startup.sizes_to_measure([1], [], 10**6)[-1] == startup.MAX_PROBE_TOKENS
+    assert startup.sizes_to_measure([8], [], 600) == (8, 512, 600)
 
 
-def fake_capture_one(switch, log):
-    """The stock capture_one: records which kernel the switch forces, stores a graph under the key."""
-
-    def original(backend, key, forward_fn, *args, **kwargs):
-        kernel = switch.forced_kernel
-        log.append((key, kernel))
-        backend._graphs[key] = FakeGraph(kernel)
-        backend._outputs[key] = f"out-{key}-{kernel}"
-
-    return original
-
-
-# Median ms per (bs, kernel): triton wins small batches, triton_kernels from 64.
-TIMES = {1: (0.010, 0.020), 8: (0.012, 0.020), 64: (0.030, 0.025), 256: (0.090, 0.050)}
-
-
-def timer_for(backend):
-    def timer(replay):
-        replay()
-        key, kernel = backend.replayed[-1]
-        return TIMES[key][KERNELS.index(kernel)]
-
-    return timer
-
-
-def run_capture(**kwargs):
-    switch = KernelSwitch(AdaptiveMoESettings(enabled=True))
-    backend, log = FakeBackend(), []
-    mkc = MultiKernelCapture(backend, switch=switch, timer=timer_for(backend), **kwargs)
-    original = fake_capture_one(switch, log)
-    for bs in sorted(TIMES, reverse=True):
-        mkc.capture_one(original, backend, bs, lambda: None, capture_inputs=None)
-        assert len(backend._graphs) == len({k for k, _ in log}), "one variant stays installed per shape"
-    return mkc, backend, log, mkc.select()
-
-
-def test_measure_keeps_the_fastest_and_releases_the_loser():
-    mkc, backend, log, report = run_capture()
-    assert [k for _, k in log] == list(KERNELS) * len(TIMES)  # both kernels, forced, per shape
-    winners = {bs: KERNELS[min(range(2), key=lambda i: TIMES[bs][i])] for bs in TIMES}
-    assert report.winners() == winners == {1: "triton", 8: "triton", 64: "triton_kernels", 256: "triton_kernels"}
-    for bs, kernel in winners.items():
-        assert backend._graphs[bs].kernel == kernel and backend._outputs[bs] == f"out-{bs}-{kernel}"
-        assert mkc.installed_kernel(bs) == kernel
-    # every shape timed with every kernel, the same (fixed) number of timer calls
-    assert sorted(backend.replayed) == sorted((bs, k) for bs in TIMES for k in KERNELS)
-    row = {r.bucket: r for r in report.rows}
-    assert row[256].margin == pytest.approx(0.090 / 0.050) and row[1].times_ms == dict(
-        zip(KERNELS, TIMES[1], strict=True)
+def test_server_sizes_reads_cuda_graph_config():
+    ns = types.SimpleNamespace
+    args = ns(
+        cuda_graph_config=ns(decode=ns(backend="full", bs=[1, 2, 4]), prefill=ns(backend="breakable", bs=[256, 512])),
+        chunked_prefill_size=8192,
     )
-    assert report.policy == "measure" and report.measured
-    assert report.capture_s_all >= report.capture_s_installed > 0
+    assert startup.server_sizes(args) == ((1, 2, 4), (256, 512), 8192)
+    args.cuda_graph_config.prefill.backend = "disabled"
+    args.chunked_prefill_size = None
+    assert startup.server_sizes(args) == ((1, 2, 4), (), None)
+    assert startup.server_sizes(ns()) == ((), (), None)
 
 
-def test_losers_are_reset_and_winners_kept():
-    switch = KernelSwitch()
-    backend, log = FakeBackend(), []
-    mkc = MultiKernelCapture(backend, switch=switch, timer=timer_for(backend))
-    mkc.capture_one(fake_capture_one(switch, log), backend, 1, lambda: None)
-    graphs = dict(mkc._variants[1])
-    mkc.select()
-    assert graphs["triton_kernels"].graph.was_reset and not graphs["triton"].graph.was_reset
-
-
-def test_plan_choice_captures_only_winners():
-    plan = {1: "triton_kernels", 8: "triton", 64: "triton", 256: "triton_kernels"}
-    mkc, backend, log, report = run_capture(plan_choice=plan)
-    assert dict(log) == plan and not backend.replayed
-    assert report.policy == "plan" and not report.measured and report.winners() == plan
-    assert report.capture_s_all == pytest.approx(report.capture_s_installed)
-
-
-def test_threshold_policy_captures_the_threshold_kernel():
-    mkc, backend, log, report = run_capture(policy="threshold", threshold=64)
-    assert dict(log) == {1: "triton", 8: "triton", 64: "triton_kernels", 256: "triton_kernels"}
-    assert not backend.replayed and report.policy == "threshold"
-    assert mkc.static_kernel(63) == "triton" and mkc.kernels_for(64) == ("triton_kernels",)
-
-
-def test_capture_core_rejects_bad_arguments():
-    with pytest.raises(TypeError, match="has no dict _graphs"):
-        MultiKernelCapture(object())
-    with pytest.raises(ValueError, match="unknown kernel 'cutlass'"):
-        MultiKernelCapture(FakeBackend(), kernels=("triton", "cutlass"))
-    with pytest.raises(ValueError, match="policy must be"):
-        MultiKernelCapture(FakeBackend(), policy="fixed")
-    with pytest.raises(ValueError, match="plan chooses 'cutlass' for bs=8"):
-        MultiKernelCapture(FakeBackend(), plan_choice={8: "cutlass"})
-
-
-def test_report_table_and_overheads():
+def _probe_result():
     rows = (
-        ShapeRow(
-            1,
-            {"triton": 0.0412, "triton_kernels": 0.055},
-            "triton",
-            0.055 / 0.0412,
-            {"triton": 1.0, "triton_kernels": 1.5},
-        ),
-        ShapeRow(256, {}, "triton_kernels", 1.0, {"triton_kernels": 2.0}),
+        probe.SizeTimes(1, {"triton": 0.030, "triton_kernels": 0.100}, "triton"),
+        probe.SizeTimes(64, {"triton": 0.300, "triton_kernels": 0.280}, "triton_kernels"),
+        probe.SizeTimes(4096, {"triton": 1.1, "triton_kernels": 0.6}, "triton_kernels"),
     )
-    report = CaptureReport("measure", KERNELS, rows, measure_s=0.5, timed_replays=20)
-    text = format_report(report, extra_weight_bytes=0, rule=EagerRule(1536))
-    lines = text.splitlines()
-    assert "policy measure, 2 shape(s), 20 timed replays per kernel" in lines[0]
-    assert lines[1].split() == ["bs", "triton", "us", "triton_kernels", "us", "winner", "margin"]
-    assert lines[2].split() == ["1", "41.2", "55.0", "triton", "1.33x"]
-    assert lines[3].split() == ["256", "-", "-", "triton_kernels", "-"]
-    assert "4.50 s for every captured variant vs 3.00 s for the kept kernels alone (+1.50 s)" in text
-    assert "triton_kernels from 1536 tokens (threshold)" in text
-    assert text.endswith("extra MoE weight memory: 0 bytes per GPU")
+    return probe.ProbeResult(rows, layers=4, seconds=2.5)
 
 
-def _metadata(buckets):
-    return PlanMetadata(
-        gpu="NVIDIA H100 80GB HBM3",
-        sm_count=132,
-        torch="2.11.0",
-        triton="3.6.0",
-        sglang="0.5.17",
-        triton_kernels="matmul_ogs",
-        spec=preset("gpt-oss-20b").to_json(),
-        buckets=buckets,
-        kernels=KERNELS,
+def _metadata(sizes=(1, 64, 4096)):
+    return PlanMetadata("H200", 132, "2.11", "3.6", "0.5.17", "matmul_ogs", {"E": 128}, sizes, KERNELS, 1)
+
+
+def test_probe_table_and_startup_line():
+    text = probe.format_table(_probe_result())
+    assert "3 sizes x 2 kernels on 4 layer(s) in 2.50 s" in text
+    assert re.search(r"\s1\s+30\.0\s+100\.0\s+triton\s+3\.33x", text)
+    assert re.search(r"\s4096\s+1100\.0\s+600\.0\s+triton_kernels\s+1\.83x", text)
+    assert startup.startup_line(1.234, 3, "measured") == "adaptive MoE start-up: measure_s=1.23 sizes=3 source=measured"
+
+
+def test_plan_from_probe_round_trips(tmp_path):
+    plan = startup.plan_from_probe(_probe_result(), _metadata())
+    assert plan.winners() == {1: "triton", 64: "triton_kernels", 4096: "triton_kernels"}
+    assert plan.eager_kernel == "triton_kernels"
+    loaded = Plan.load(plan.save(tmp_path / "plan.json"))
+    assert loaded == plan and loaded.choices[0].times_ms == {"triton": 0.030, "triton_kernels": 0.100}
+
+
+class _FakeModelRunner:
+    def __init__(self, server_args):
+        self.server_args = server_args
+        self.tp_group = types.SimpleNamespace(world_size=1, cpu_group=None)
+        self.tp_rank = 0
+        self._moe_dispatch_pairs = [("topk", "moe")]
+
+
+def _server_args():
+    ns = types.SimpleNamespace
+    return ns(
+        cuda_graph_config=ns(decode=ns(backend="full", bs=[1, 64]), prefill=ns(backend="breakable", bs=[4096])),
+        chunked_prefill_size=4096,
     )
 
 
-def test_plan_from_report_round_trips(tmp_path):
-    _, _, _, report = run_capture()
-    plan = plan_from_report(report, _metadata(tuple(sorted(TIMES))))
-    assert plan.winners() == report.winners() and plan.eager_kernel == "triton_kernels"
-    saved = plan.save(tmp_path / "plan.json")
-    from moe_dispatch.plan import Plan
+@pytest.fixture
+def fake_switch(monkeypatch):
+    switch = KernelSwitch()
+    switch.first_spec = preset("gpt-oss-120b", tp=8)
+    monkeypatch.setattr(startup, "SWITCH", switch)
+    monkeypatch.setattr(
+        startup.PlanMetadata, "current", staticmethod(lambda spec, sizes, kernels, world: _metadata(sizes))
+    )
+    return switch
 
-    assert Plan.load(saved) == plan
-    assert EagerRule.from_winners(plan.winners(), 1536, "plan").crossover == 64
-    with pytest.raises(ValueError, match=r"no row for bucket\(s\) \[512\]"):
-        plan_from_report(report, _metadata((1, 8, 64, 256, 512)))
+
+def test_startup_measures_once_saves_a_plan_and_a_restart_reuses_it(fake_switch, monkeypatch, tmp_path, caplog):
+    calls = []
+
+    def fake_probe(pairs, spec, sizes, switch, group=None, progress=None):
+        calls.append(tuple(sizes))
+        rows = tuple(probe.SizeTimes(n, {}, "triton" if n < 32 else "triton_kernels") for n in sizes)
+        return probe.ProbeResult(rows, layers=1, seconds=0.1)
+
+    monkeypatch.setattr(probe, "probe_sizes", fake_probe)
+    plan_path = tmp_path / "plan.json"
+    fake_switch.configure(AdaptiveMoESettings(enabled=True, plan_path=str(plan_path)))
+    runner = _FakeModelRunner(_server_args())
+    with caplog.at_level(logging.INFO, logger="moe_dispatch.sglang_plugin"):
+        startup.before_init_cuda_graphs(runner)
+        startup.before_init_cuda_graphs(runner)  # a second capture of the same runner keeps the rule
+    assert calls == [(1, 64, 512, 1024, 2048, 4096)]
+    assert isinstance(fake_switch.rule, SizeRule) and fake_switch.rule.kernel_for(32) == "triton_kernels"
+    assert "source=measured" in caplog.text and plan_path.exists()
+
+    restarted = _FakeModelRunner(_server_args())
+    caplog.clear()
+    fake_switch.configure(AdaptiveMoESettings(enabled=True, plan_path=str(plan_path)))
+    with caplog.at_level(logging.INFO, logger="moe_dispatch.sglang_plugin"):
+        startup.before_init_cuda_graphs(restarted)
+    assert len(calls) == 1 and "measure_s=0.00 sizes=0 source=plan" in caplog.text
+    assert fake_switch.rule.source == f"plan {plan_path}" and fake_switch.rule.kernel_for(1) == "triton"
+
+
+@pytest.mark.parametrize(
+    ("settings", "source", "kernel_at_64"),
+    [
+        (AdaptiveMoESettings(enabled=True, policy="threshold", batch_threshold=32), "threshold", "triton_kernels"),
+        (AdaptiveMoESettings(enabled=True, policy="fixed", kernel="triton"), "fixed", "triton"),
+    ],
+)
+def test_static_policies_measure_nothing(fake_switch, monkeypatch, caplog, settings, source, kernel_at_64):
+    monkeypatch.setattr(probe, "probe_sizes", lambda *a, **k: pytest.fail("a static policy must not measure"))
+    fake_switch.configure(settings)
+    with caplog.at_level(logging.INFO, logger="moe_dispatch.sglang_plugin"):
+        startup.before_init_cuda_graphs(_FakeModelRunner(_server_args()))
+    assert f"source={source}" in caplog.text and fake_switch.kernel_for(64) == kernel_at_64
+
+
+def test_startup_leaves_draft_workers_and_disabled_runs_alone(fake_switch, monkeypatch):
+    monkeypatch.setattr(probe, "probe_sizes", lambda *a, **k: pytest.fail("must not measure"))
+    fake_switch.configure(AdaptiveMoESettings(enabled=True))
+    draft = _FakeModelRunner(_server_args())
+    draft.is_draft_worker = True
+    startup.before_init_cuda_graphs(draft)
+    no_layers = _FakeModelRunner(_server_args())
+    no_layers._moe_dispatch_pairs = []
+    startup.before_init_cuda_graphs(no_layers)
+    assert isinstance(fake_switch.rule, ThresholdRule)
 
 
 def test_all_ranks_without_group_is_the_local_flag():
-    assert decode_capture._all_ranks(True, None) and not decode_capture._all_ranks(False, None)
+    assert startup._all_ranks(True, None) and not startup._all_ranks(False, None)

@@ -59,13 +59,13 @@ def sglang_env():
     init_single_rank()
     from sglang.srt.plugins.hook_registry import HookRegistry
 
-    from moe_dispatch.sglang_plugin import decode_capture, launcher_hooks, layer_hooks
+    from moe_dispatch.sglang_plugin import launcher_hooks, layer_hooks, startup
     from moe_dispatch.sglang_plugin.kernel_switch import SWITCH
 
     SWITCH.configure(AdaptiveMoESettings(enabled=True))
     launcher_hooks.register()
     layer_hooks.register()
-    decode_capture.register()
+    startup.register()
     HookRegistry.apply_hooks()
     return SWITCH
 
@@ -179,7 +179,7 @@ def test_flags_parse_through_sglang_argument_parser(sglang_env, env_guard):
 
 @pytest.mark.parametrize("num_tokens", BATCHES)
 def test_layer_matches_stock_with_each_backend(sglang_env, layers, weights, num_tokens):
-    from moe_dispatch.sglang_plugin.kernel_switch import EagerRule
+    from moe_dispatch.sglang_plugin.kernel_switch import SizeRule
     from moe_dispatch.sglang_plugin.layer_hooks import extra_weight_bytes
 
     switch = sglang_env
@@ -196,13 +196,13 @@ def test_layer_matches_stock_with_each_backend(sglang_env, layers, weights, num_
         assert topk.topk_config.output_format is None, "the per-call format must be restored"
         assert_close(out, stock, SPEC.dtype, f"plugin {kernel} vs stock T={num_tokens}", tol=SAME)
         assert_close(out, ref, SPEC.dtype, f"plugin {kernel} vs reference T={num_tokens}", tol=TOLERANCES[SPEC.dtype])
-    # Eager rule: threshold 1536 -> triton here; a crossover at 64 -> triton_kernels from 64 tokens.
+    # Threshold 1536 -> triton here; a size rule with triton_kernels from 64 tokens -> triton_kernels there.
     assert_close(forward(topk, moe, x, logits), expected["triton"], SPEC.dtype, "eager, threshold", tol=SAME)
     saved = switch.rule
-    switch.rule = EagerRule(1536, 64, "test")
+    switch.rule = SizeRule.from_winners({32: "triton", 64: "triton_kernels"}, "test")
     try:
         want = expected["triton_kernels" if num_tokens >= 64 else "triton"]
-        assert_close(forward(topk, moe, x, logits), want, SPEC.dtype, "eager, crossover 64", tol=SAME)
+        assert_close(forward(topk, moe, x, logits), want, SPEC.dtype, "eager, size rule", tol=SAME)
     finally:
         switch.rule = saved
     assert extra_weight_bytes(moe) == 0
@@ -218,7 +218,7 @@ def test_unsupported_layers_are_refused(sglang_env, layers):
     assert not layer_support(stock_moe, stock_moe) and layer_support(stock_topk, stock_moe)
 
 
-# --- (4) capture through SGLang's real FullCudaGraphBackend -------------------------------------
+# --- (4) start-up probe, and graphs captured under the rule through SGLang's FullCudaGraphBackend ---
 
 
 def _backend():
@@ -230,69 +230,68 @@ def _backend():
     return FullCudaGraphBackend(runner)
 
 
-def _capture(capture, topk, moe):
-    """Drive capture like DecodeCudaGraphRunner: largest bs first, one static input buffer."""
-    from sglang.srt.model_executor.runner.shape_key import ShapeKey
-    from sglang.srt.model_executor.runner_backend.full_cuda_graph_backend import FullCudaGraphBackend
-
-    x, logits = random_inputs(SPEC, max(CAPTURE_BS), device="cuda", seed=1)
-    with capture.backend.capture_session(torch.cuda.Stream()):
-        for bs in sorted(CAPTURE_BS, reverse=True):
-            fn = functools.partial(forward, topk, moe, x[:bs], logits[:bs])
-            capture.capture_one(
-                FullCudaGraphBackend.capture_one, capture.backend, ShapeKey(bs), fn, post_warmup_hook=None
-            )
-    return x, logits, capture.select()
-
-
-def _check_replays(backend, switch, topk, moe, weights, x, logits, winners):
-    from sglang.srt.model_executor.runner.shape_key import ShapeKey
-
-    for bs, kernel in winners.items():
-        new_x, new_logits = random_inputs(SPEC, bs, device="cuda", seed=100 + bs)
-        x[:bs].copy_(new_x)
-        logits[:bs].copy_(new_logits)
-        out = backend.replay(ShapeKey(bs), None).clone()  # through the NVTX replay hook
-        with switch.forced(kernel):
-            eager = forward(topk, moe, new_x, new_logits)
-        assert_close(out, eager, SPEC.dtype, f"replay bs={bs} {kernel} vs eager", tol=SAME)
-        ref = reference_moe(SPEC, weights, new_x, new_logits)
-        assert_close(out, ref, SPEC.dtype, f"replay bs={bs} {kernel} vs reference", tol=TOLERANCES[SPEC.dtype])
+def _kernels_run(fn) -> set[str]:
+    """Which MoE kernel family ran on the GPU during fn(): 'triton' (fused_moe) and/or 'triton_kernels'."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    found = set()
+    if any("fused_moe_kernel" in n for n in names):
+        found.add("triton")
+    if any("matmul_ogs" in n or "_p_matmul" in n for n in names):
+        found.add("triton_kernels")
+    return found
 
 
-def test_capture_keeps_the_measured_winner(sglang_env, layers, weights):
-    from sglang.srt.model_executor.runner.shape_key import ShapeKey
-
+def test_probe_times_both_kernels_and_returns_its_memory(sglang_env, layers, weights):
     from graphs.selection import pick_fastest
-    from moe_dispatch.sglang_plugin.decode_capture import MultiKernelCapture, format_report
+    from moe_dispatch.sglang_plugin import probe
 
     (topk, moe), _, _ = layers
-    capture = MultiKernelCapture(_backend(), timed_replays=20, warmup_replays=3)
-    x, logits, report = _capture(capture, topk, moe)
-    print(format_report(report, 0))
-    assert sorted(r.bucket for r in report.rows) == sorted(CAPTURE_BS) and report.measured
-    for row in report.rows:
+    second = build_layer("triton", weights, layer_id=1)
+    from moe_dispatch.sglang_plugin.layer_hooks import enable_for_layer
+
+    assert enable_for_layer(*second)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    reserved = torch.cuda.memory_reserved()
+    result = probe.probe_sizes([(topk, moe), second], SPEC, (1, 8, 64, 300), sglang_env)
+    print(probe.format_table(result))
+    assert [row.size for row in result.rows] == [1, 8, 64, 300] and result.layers == 2
+    for row in result.rows:
         assert set(row.times_ms) == {"triton", "triton_kernels"} and all(t > 0 for t in row.times_ms.values())
-        assert row.winner == pick_fastest(row.times_ms) and row.margin >= 1.0
-        assert set(row.capture_s) == {"triton", "triton_kernels"}
-    backend = capture.backend
-    assert set(backend._graphs) == set(backend._outputs) == {ShapeKey(bs) for bs in CAPTURE_BS}  # losers gone
-    assert {k.size: v for k, v in backend._moe_dispatch_kernels.items()} == report.winners()
-    _check_replays(backend, sglang_env, topk, moe, weights, x, logits, report.winners())
+        assert row.winner == pick_fastest(row.times_ms)
+    assert moe.reduce_results == second[1].reduce_results  # restored after probing
+    assert torch.cuda.memory_reserved() - reserved <= 2**20, "probe graphs were not returned to the device"
 
 
-@pytest.mark.parametrize("mode", ["plan", "threshold"])
-def test_capture_with_plan_or_threshold_captures_once(sglang_env, layers, weights, mode):
-    from moe_dispatch.sglang_plugin.decode_capture import MultiKernelCapture
+def test_graphs_captured_under_the_rule_hold_each_sizes_winner(sglang_env, layers, weights):
+    from sglang.srt.model_executor.runner.shape_key import ShapeKey
+
+    from moe_dispatch.sglang_plugin.kernel_switch import FixedRule, SizeRule
 
     (topk, moe), _, _ = layers
-    if mode == "plan":
-        want = {1: "triton_kernels", 8: "triton", 64: "triton_kernels"}
-        capture = MultiKernelCapture(_backend(), plan_choice=want)
-    else:
-        want = {1: "triton", 8: "triton_kernels", 64: "triton_kernels"}
-        capture = MultiKernelCapture(_backend(), policy="threshold", threshold=8)
-    x, logits, report = _capture(capture, topk, moe)
-    assert report.winners() == want and not report.measured
-    assert all(list(r.capture_s) == [want[r.bucket]] for r in report.rows)
-    _check_replays(capture.backend, sglang_env, topk, moe, weights, x, logits, want)
+    want = {1: "triton_kernels", 8: "triton", 64: "triton_kernels"}
+    backend = _backend()
+    x, logits = random_inputs(SPEC, max(want), device="cuda", seed=1)
+    saved = sglang_env.rule
+    sglang_env.rule = SizeRule.from_winners(want)
+    try:
+        with backend.capture_session(torch.cuda.Stream()):  # like DecodeCudaGraphRunner: largest first
+            for bs in sorted(want, reverse=True):
+                backend.capture_one(ShapeKey(bs), functools.partial(forward, topk, moe, x[:bs], logits[:bs]))
+        sglang_env.rule = FixedRule("triton")  # replays must not depend on the rule any more
+        for bs, kernel in want.items():
+            new_x, new_logits = random_inputs(SPEC, bs, device="cuda", seed=100 + bs)
+            x[:bs].copy_(new_x)
+            logits[:bs].copy_(new_logits)
+            assert _kernels_run(lambda b=bs: backend.replay(ShapeKey(b), None)) == {kernel}
+            out = backend.replay(ShapeKey(bs), None).clone()  # through the NVTX replay hook
+            with sglang_env.forced(kernel):
+                eager = forward(topk, moe, new_x, new_logits)
+            assert_close(out, eager, SPEC.dtype, f"replay bs={bs} {kernel} vs eager", tol=SAME)
+            ref = reference_moe(SPEC, weights, new_x, new_logits)
+            assert_close(out, ref, SPEC.dtype, f"replay bs={bs} {kernel} vs reference", tol=TOLERANCES[SPEC.dtype])
+    finally:
+        sglang_env.rule = saved

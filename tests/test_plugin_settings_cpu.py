@@ -37,7 +37,7 @@ def test_defaults_are_off():
     s = AdaptiveMoESettings()
     assert (s.enabled, s.batch_threshold, s.policy, s.plan_path) == (False, 1536, "measure", None)
     assert DEFAULT_BATCH_THRESHOLD == 1536
-    assert POLICIES == ("measure", "threshold")
+    assert POLICIES == ("measure", "threshold", "fixed")
 
 
 def test_record_is_frozen():
@@ -53,6 +53,7 @@ def test_env_var_names_cover_every_field():
         "batch_threshold": "SGLANG_ADAPTIVE_MOE_BATCH_THRESHOLD",
         "policy": "SGLANG_ADAPTIVE_MOE_POLICY",
         "plan_path": "SGLANG_ADAPTIVE_MOE_PLAN",
+        "kernel": "SGLANG_ADAPTIVE_MOE_KERNEL",
     }
 
 
@@ -66,6 +67,27 @@ def test_constructor_rejects_bad_threshold(threshold):
 def test_constructor_rejects_bad_policy(policy):
     with pytest.raises(ValueError, match="policy must be one of"):
         AdaptiveMoESettings(policy=policy)
+
+
+def test_fixed_policy_needs_a_known_kernel_and_only_it_takes_one():
+    assert AdaptiveMoESettings(policy="fixed", kernel="triton").kernel == "triton"
+    with pytest.raises(ValueError, match="policy 'fixed' needs kernel"):
+        AdaptiveMoESettings(policy="fixed")
+    with pytest.raises(ValueError, match="policy 'fixed' needs kernel"):
+        AdaptiveMoESettings(policy="fixed", kernel="cutlass")
+    with pytest.raises(ValueError, match="only used with policy 'fixed'"):
+        AdaptiveMoESettings(policy="measure", kernel="triton")
+
+
+def test_fixed_kernel_travels_through_env_and_cli():
+    settings = AdaptiveMoESettings(enabled=True, policy="fixed", kernel="triton_kernels")
+    assert from_env(settings.to_env()) == settings
+    parser = argparse.ArgumentParser()
+    add_cli_args(parser)
+    ns = parser.parse_args(["--adaptive-moe-policy", "fixed", "--adaptive-moe-kernel", "triton"])
+    assert from_cli_namespace(ns, {}).kernel == "triton"
+    with pytest.raises(ValueError, match="SGLANG_ADAPTIVE_MOE_KERNEL must be one of"):
+        from_env({"SGLANG_ADAPTIVE_MOE_KERNEL": "cutlass"})
 
 
 @pytest.mark.parametrize("plan", ["", "   ", 3])

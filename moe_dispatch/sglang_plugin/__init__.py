@@ -1,24 +1,27 @@
 """SGLang general plugin (entry-point group `sglang.srt.plugins`) for adaptive MoE dispatch.
 
 Switches each unquantized MoE layer between SGLang's Triton `fused_moe` runner and the
-`triton_kernels` runner: per captured decode batch size the faster CUDA graph is kept, and
-eager batches (prefill, decode above the captured sizes) follow the measured crossover.
+`triton_kernels` runner: at start-up both are timed on the model's own MoE layers, inside
+CUDA graphs, at every size the server will run (decode and prefill graph sizes, eager
+sizes); every MoE call, captured or eager, then runs its size's winner. SGLang captures
+each graph once, as stock does.
 
 Enable:
     pip install 'moe-dispatch[sglang]'          # SGLang finds the plugin through its entry point
     python -m sglang.launch_server --model-path <gpt-oss bf16> --enable-adaptive-moe \
-        [--adaptive-moe-policy measure|threshold] [--adaptive-moe-batch-threshold 1536] \
-        [--adaptive-moe-plan plan.json]
+        [--adaptive-moe-policy measure|threshold|fixed] [--adaptive-moe-batch-threshold 1536] \
+        [--adaptive-moe-kernel triton|triton_kernels] [--adaptive-moe-plan plan.json]
     offline Engine(...): the same through SGLANG_ADAPTIVE_MOE=1, SGLANG_ADAPTIVE_MOE_POLICY,
-        SGLANG_ADAPTIVE_MOE_BATCH_THRESHOLD, SGLANG_ADAPTIVE_MOE_PLAN (settings.py)
+        SGLANG_ADAPTIVE_MOE_BATCH_THRESHOLD, SGLANG_ADAPTIVE_MOE_KERNEL, SGLANG_ADAPTIVE_MOE_PLAN
 
 Modules, one job each:
-    settings.py        the four settings: flags, env vars, precedence
+    settings.py        the settings: flags, env vars, precedence
     targets.py         hooked SGLang names, supported versions, the up-front check
     launcher_hooks.py  ServerArgs: flags, env hand-off to schedulers, refusals, backend -> triton
-    kernel_switch.py   per-process choice: forced kernel (capture), eager rule, adaptive TopKs
+    kernel_switch.py   per-process choice: forced kernel (probe), size rule, adaptive TopKs
     layer_hooks.py     TopK/UnquantizedFusedMoEMethod/ModelRunner.load_model: per-call switching
-    decode_capture.py  decode CUDA graphs per kernel, timing, TP agreement, plan, start-up table
+    probe.py           both kernels timed on the model's layers in CUDA graphs, per size (graphs/)
+    startup.py         before graph capture: plan or probe -> the rule; TP agreement; NVTX replays
 
 `load()` runs in the launcher and in every scheduler process (SGLang calls `load_plugins()`
 in each). It always registers the launcher hooks (inert while the flag is off) and, only
@@ -62,7 +65,7 @@ def load() -> None:
 
 
 def _load_scheduler_hooks(settings: object) -> None:
-    from moe_dispatch.sglang_plugin import decode_capture, layer_hooks, targets
+    from moe_dispatch.sglang_plugin import layer_hooks, startup, targets
     from moe_dispatch.sglang_plugin.kernel_switch import SWITCH
 
     problems = targets.verify_targets()
@@ -77,4 +80,4 @@ def _load_scheduler_hooks(settings: object) -> None:
         return
     SWITCH.configure(settings)
     layer_hooks.register()
-    decode_capture.register()
+    startup.register()

@@ -1,33 +1,32 @@
 """Which kernel an adaptive MoE layer runs for the call at hand, per process.
 
 One `KernelSwitch` per process (`SWITCH`), read by the TopK hook on every call of an
-adaptive layer:
+adaptive layer, with the call's token count:
 
-    forced kernel set (decode-graph capture, tests)  -> that kernel
-    otherwise (eager: prefill, decode above the captured sizes)
-                                                      -> EagerRule.kernel_for(num_tokens)
+    forced kernel set (the start-up measurement, tests)  -> that kernel
+    otherwise                                             -> rule.kernel_for(num_tokens)
 
-`EagerRule` is the plan's measured crossover when there is one (a plan file, or this
-process's own decode-graph measurement), else the settings' threshold. The switch also
-holds the set of TopK modules that are adaptive (paired with an unquantized FusedMoE);
-every other TopK runs stock. Pure Python, no SGLang: the hooks translate kernel names to
-SGLang's TopK output formats.
+Every MoE call goes through the same rule: decode graphs (the rule is read while SGLang
+captures each batch size, so the choice is baked into that graph), prefill graphs, and
+eager batches. The rule is one of:
+    SizeRule       measured (or read from a plan): the winner of the smallest measured
+                   size >= num_tokens; above the largest, the largest's winner
+    ThresholdRule  policy "threshold": triton below the threshold, triton_kernels from it
+    FixedRule      policy "fixed": one kernel everywhere
+The switch also holds the set of TopK modules that are adaptive (paired with an
+unquantized FusedMoE); every other TopK runs stock. Pure Python, no SGLang.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
+import itertools
 import weakref
 from collections.abc import Iterator, Mapping
 
-from moe_dispatch.policy import (
-    DEFAULT_THRESHOLD,
-    LARGE_BATCH_KERNEL,
-    SMALL_BATCH_KERNEL,
-    crossover_from_winners,
-    threshold_kernel,
-)
+from moe_dispatch.policy import DEFAULT_THRESHOLD, LARGE_BATCH_KERNEL, SMALL_BATCH_KERNEL, threshold_kernel
 from moe_dispatch.sglang_plugin.settings import AdaptiveMoESettings
 from moe_dispatch.spec import MoESpec
 
@@ -42,49 +41,94 @@ def check_kernel(kernel: str) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class EagerRule:
-    """The kernel for a MoE call that is not replayed from a decode graph.
+class SizeRule:
+    """Measured choice per MoE call size. sizes: ascending token counts; kernels: the winner at each."""
 
-    threshold: tokens at and above which triton_kernels runs when there is no crossover.
-    crossover: the measured one (tokens at and above which triton_kernels won), or None.
-    source: where the crossover came from ("threshold", "plan <path>", "measured").
-    """
+    sizes: tuple[int, ...]
+    kernels: tuple[str, ...]
+    source: str = "measured"
+
+    def __post_init__(self) -> None:
+        if not self.sizes or len(self.sizes) != len(self.kernels):
+            raise ValueError(f"need one kernel per size, got sizes={self.sizes!r} kernels={self.kernels!r}")
+        if any(b <= a for a, b in itertools.pairwise(self.sizes)) or self.sizes[0] <= 0:
+            raise ValueError(f"sizes must be positive and strictly increasing, got {self.sizes!r}")
+        for kernel in self.kernels:
+            check_kernel(kernel)
+
+    @staticmethod
+    def from_winners(winners: Mapping[int, str], source: str = "measured") -> SizeRule:
+        sizes = tuple(sorted(winners))
+        return SizeRule(sizes, tuple(winners[s] for s in sizes), source)
+
+    def kernel_for(self, num_tokens: int) -> str:
+        i = bisect.bisect_left(self.sizes, num_tokens)
+        return self.kernels[min(i, len(self.kernels) - 1)]
+
+    def describe(self) -> str:
+        """Runs of one kernel, e.g. 'triton for 1-24, triton_kernels for 32-8192 and above (measured)'."""
+        runs: list[list[object]] = []
+        for size, kernel in zip(self.sizes, self.kernels, strict=True):
+            if runs and runs[-1][0] == kernel:
+                runs[-1][2] = size
+            else:
+                runs.append([kernel, size, size])
+        parts = [f"{k} for {lo}" + (f"-{hi}" if hi != lo else "") for k, lo, hi in runs]
+        return ", ".join(parts) + f" tokens and above ({self.source})"
+
+
+@dataclasses.dataclass(frozen=True)
+class ThresholdRule:
+    """The seed's static rule: triton below `threshold` tokens, triton_kernels from it."""
 
     threshold: int = DEFAULT_THRESHOLD
-    crossover: int | None = None
     source: str = "threshold"
 
     def __post_init__(self) -> None:
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, int) or self.threshold <= 0:
             raise ValueError(f"threshold must be a positive int, got {self.threshold!r}")
-        if self.crossover is not None and (not isinstance(self.crossover, int) or self.crossover <= 0):
-            raise ValueError(f"crossover must be a positive int or None, got {self.crossover!r}")
 
     def kernel_for(self, num_tokens: int) -> str:
-        if self.crossover is not None:
-            return LARGE_BATCH_KERNEL if num_tokens >= self.crossover else SMALL_BATCH_KERNEL
         return threshold_kernel(num_tokens, self.threshold)
 
-    @staticmethod
-    def from_winners(winners: Mapping[int, str], threshold: int, source: str) -> EagerRule:
-        """The crossover of measured/planned winners; the threshold rule when they show none."""
-        crossover = crossover_from_winners(winners)
-        if crossover is None:
-            return EagerRule(threshold, None, "threshold")
-        return EagerRule(threshold, crossover, source)
+    def describe(self) -> str:
+        return f"triton below {self.threshold} tokens, triton_kernels from {self.threshold} (threshold)"
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedRule:
+    """One kernel for every call (policy "fixed")."""
+
+    kernel: str
+    source: str = "fixed"
+
+    def __post_init__(self) -> None:
+        check_kernel(self.kernel)
+
+    def kernel_for(self, num_tokens: int) -> str:
+        return self.kernel
 
     def describe(self) -> str:
-        if self.crossover is None:
-            return f"triton_kernels from {self.threshold} tokens (threshold)"
-        return f"triton_kernels from {self.crossover} tokens ({self.source} crossover)"
+        return f"{self.kernel} for every size (fixed)"
+
+
+Rule = SizeRule | ThresholdRule | FixedRule
+
+
+def static_rule(settings: AdaptiveMoESettings) -> Rule:
+    """The rule the settings give before any measurement: fixed kernel or threshold."""
+    if settings.policy == "fixed":
+        assert settings.kernel is not None  # AdaptiveMoESettings checks it
+        return FixedRule(settings.kernel)
+    return ThresholdRule(settings.batch_threshold)
 
 
 class KernelSwitch:
-    """Per-process switch state: settings, forced override, eager rule, adaptive TopKs."""
+    """Per-process switch state: settings, forced override, the size rule, adaptive TopKs."""
 
     def __init__(self, settings: AdaptiveMoESettings | None = None) -> None:
         self.settings = settings or AdaptiveMoESettings()
-        self.rule = EagerRule(self.settings.batch_threshold)
+        self.rule: Rule = static_rule(self.settings)
         self._forced: str | None = None
         # Weak: a model that is dropped (tests, weight reload) must not be kept alive here.
         self._adaptive: weakref.WeakSet[object] = weakref.WeakSet()
@@ -93,7 +137,7 @@ class KernelSwitch:
 
     def configure(self, settings: AdaptiveMoESettings) -> None:
         self.settings = settings
-        self.rule = EagerRule(settings.batch_threshold)
+        self.rule = static_rule(settings)
 
     @property
     def forced_kernel(self) -> str | None:
@@ -110,7 +154,7 @@ class KernelSwitch:
             self._forced = previous
 
     def kernel_for(self, num_tokens: int) -> str:
-        """The forced kernel if one is set, else the eager rule's choice for `num_tokens`."""
+        """The forced kernel if one is set, else the rule's choice for `num_tokens`."""
         return self._forced if self._forced is not None else self.rule.kernel_for(num_tokens)
 
     def add_topk(self, topk: object) -> None:

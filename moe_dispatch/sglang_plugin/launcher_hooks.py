@@ -1,6 +1,6 @@
 """Launcher-side hooks on SGLang's `ServerArgs`: the flags, the environment hand-off, the refusals.
 
-    AFTER  ServerArgs.add_cli_args   add the four --adaptive-moe flags (settings.add_cli_args)
+    AFTER  ServerArgs.add_cli_args   add the --adaptive-moe flags (settings.add_cli_args)
     AROUND ServerArgs.from_cli_args  flags over env -> os.environ, so spawned schedulers inherit them
     BEFORE ServerArgs.__post_init__  adaptive on: every hook target present, supported options only,
                                      moe_runner_backend "auto" -> "triton" (weights in the Triton layout)
@@ -42,8 +42,9 @@ def around_from_cli_args(original: Any, cls: type, args: argparse.Namespace) -> 
     if given:
         resolved = settings_mod.from_cli_namespace(args, os.environ)
         os.environ.update(resolved.to_env())
-        if resolved.plan_path is None:
-            os.environ.pop(settings_mod.ENV_VARS["plan_path"], None)
+        for field in ("plan_path", "kernel"):
+            if getattr(resolved, field) is None:
+                os.environ.pop(settings_mod.ENV_VARS[field], None)
     return original(cls, args)
 
 

@@ -235,11 +235,13 @@ def enable_for_layer(topk: Any, fused_moe: Any, switch: KernelSwitch = SWITCH) -
 
 @dataclasses.dataclass(frozen=True)
 class PairingReport:
-    """What `enable_model` did: adaptive layer count, skipped layers by reason, extra weight bytes."""
+    """What `enable_model` did: adaptive layer count, skipped layers by reason, extra weight bytes,
+    and the adaptive (TopK, FusedMoE) pairs in model order."""
 
     adaptive: int
     skipped: dict[str, int]
     extra_bytes: int
+    pairs: tuple[tuple[Any, Any], ...] = ()
 
     def log_lines(self) -> list[str]:
         lines = [
@@ -263,6 +265,7 @@ def enable_model(model: torch.nn.Module, switch: KernelSwitch = SWITCH) -> Pairi
     """Pair every FusedMoE with its TopK sibling (the model's MoE block owns both) and enable it."""
     sgl = _sgl()
     adaptive, extra = 0, 0
+    pairs: list[tuple[Any, Any]] = []
     skipped: collections.Counter[str] = collections.Counter()
     for _name, module in model.named_modules():
         children = [child for _n, child in module.named_children()]
@@ -279,9 +282,10 @@ def enable_model(model: torch.nn.Module, switch: KernelSwitch = SWITCH) -> Pairi
             if support:
                 adaptive += 1
                 extra += extra_weight_bytes(moe)
+                pairs.append((topk, moe))
             else:
                 skipped[support.reason] += 1
-    return PairingReport(adaptive, dict(skipped), extra)
+    return PairingReport(adaptive, dict(skipped), extra, tuple(pairs))
 
 
 def after_load_model(result: Any, model_runner: Any) -> None:
@@ -289,6 +293,8 @@ def after_load_model(result: Any, model_runner: Any) -> None:
         return None  # draft models keep their own (speculative) runner backend untouched
     report = enable_model(model_runner.model)
     model_runner._moe_dispatch_pairing = report
+    # The start-up probe times layers of the spec that keys the plan (a model's MoE layers share it).
+    model_runner._moe_dispatch_pairs = [p for p in report.pairs if spec_from_layer(*p) == SWITCH.first_spec]
     if getattr(model_runner, "tp_rank", 0) == 0:
         for line in report.log_lines():
             logger.info(line)

@@ -1,4 +1,4 @@
-"""The plugin's four settings, read from SGLang's command line or from the environment.
+"""The plugin's settings, read from SGLang's command line or from the environment.
 
 One frozen record, `AdaptiveMoESettings`, travels from the launcher to every spawned
 scheduler process through environment variables (`ENV_VARS`): SGLang spawns its
@@ -12,7 +12,8 @@ counts as unset.
 
     enabled          --enable-adaptive-moe / --no-enable-adaptive-moe   SGLANG_ADAPTIVE_MOE
     batch_threshold  --adaptive-moe-batch-threshold N                    SGLANG_ADAPTIVE_MOE_BATCH_THRESHOLD
-    policy           --adaptive-moe-policy {measure,threshold}           SGLANG_ADAPTIVE_MOE_POLICY
+    policy           --adaptive-moe-policy {measure,threshold,fixed}     SGLANG_ADAPTIVE_MOE_POLICY
+    kernel           --adaptive-moe-kernel {triton,triton_kernels}       SGLANG_ADAPTIVE_MOE_KERNEL
     plan_path        --adaptive-moe-plan PATH                            SGLANG_ADAPTIVE_MOE_PLAN
 
 Pure Python: no SGLang, no torch.
@@ -26,7 +27,9 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-POLICIES: tuple[str, ...] = ("measure", "threshold")
+POLICIES: tuple[str, ...] = ("measure", "threshold", "fixed")
+# The runners one layer switches between (policy "fixed" names one of them).
+FIXED_KERNELS: tuple[str, ...] = ("triton", "triton_kernels")
 DEFAULT_BATCH_THRESHOLD = 1536
 
 # Field name -> environment variable.
@@ -35,6 +38,7 @@ ENV_VARS: Mapping[str, str] = MappingProxyType(
         "enabled": "SGLANG_ADAPTIVE_MOE",
         "batch_threshold": "SGLANG_ADAPTIVE_MOE_BATCH_THRESHOLD",
         "policy": "SGLANG_ADAPTIVE_MOE_POLICY",
+        "kernel": "SGLANG_ADAPTIVE_MOE_KERNEL",
         "plan_path": "SGLANG_ADAPTIVE_MOE_PLAN",
     }
 )
@@ -45,6 +49,7 @@ CLI_DESTS: Mapping[str, str] = MappingProxyType(
         "enabled": "enable_adaptive_moe",
         "batch_threshold": "adaptive_moe_batch_threshold",
         "policy": "adaptive_moe_policy",
+        "kernel": "adaptive_moe_kernel",
         "plan_path": "adaptive_moe_plan",
     }
 )
@@ -58,17 +63,19 @@ class AdaptiveMoESettings:
     """What the plugin does; with `enabled=False` (the default) SGLang runs stock.
 
     enabled: switch MoE layers between the Triton and triton_kernels runners.
-    batch_threshold: tokens per MoE call at and above which triton_kernels is chosen when
-        no plan gives a crossover (eager batches; decode graphs under policy "threshold").
-    policy: "measure" captures each decode batch size once per kernel and keeps the faster
-        graph; "threshold" captures only the plan's (else the threshold's) choice.
-    plan_path: JSON plan file whose crossover replaces `batch_threshold`; None for none.
+    batch_threshold: policy "threshold": tokens per MoE call from which triton_kernels runs.
+    policy: "measure" times both kernels at start-up at every captured decode and prefill
+        size (and eager sizes up to the chunked-prefill size) and runs the faster one at each;
+        "threshold" applies `batch_threshold`; "fixed" runs `kernel` everywhere.
+    kernel: the kernel of policy "fixed" (required there, refused elsewhere).
+    plan_path: JSON plan file: a matching one skips the measurement; a measurement is saved there.
     """
 
     enabled: bool = False
     batch_threshold: int = DEFAULT_BATCH_THRESHOLD
     policy: str = "measure"
     plan_path: str | None = None
+    kernel: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
@@ -78,6 +85,10 @@ class AdaptiveMoESettings:
             raise ValueError(f"batch_threshold must be a positive int, got {threshold!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.policy == "fixed" and self.kernel not in FIXED_KERNELS:
+            raise ValueError(f"policy 'fixed' needs kernel one of {FIXED_KERNELS}, got {self.kernel!r}")
+        if self.policy != "fixed" and self.kernel is not None:
+            raise ValueError(f"kernel={self.kernel!r} is only used with policy 'fixed', not {self.policy!r}")
         if self.plan_path is not None and (not isinstance(self.plan_path, str) or not self.plan_path.strip()):
             raise ValueError(f"plan_path must be a non-empty path or None, got {self.plan_path!r}")
 
@@ -92,6 +103,8 @@ class AdaptiveMoESettings:
             ENV_VARS["batch_threshold"]: str(self.batch_threshold),
             ENV_VARS["policy"]: self.policy,
         }
+        if self.kernel is not None:
+            env[ENV_VARS["kernel"]] = self.kernel
         if self.plan_path is not None:
             env[ENV_VARS["plan_path"]] = self.plan_path
         return env
@@ -127,12 +140,21 @@ def parse_policy(text: str, *, name: str = "value") -> str:
     return word
 
 
+def parse_kernel(text: str, *, name: str = "value") -> str:
+    """One of `FIXED_KERNELS`, case-insensitive."""
+    word = text.strip().lower()
+    if word not in FIXED_KERNELS:
+        raise ValueError(f"{name} must be one of {'/'.join(FIXED_KERNELS)}, got {text!r}")
+    return word
+
+
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     """The fields set (non-empty) in `environ`, parsed; errors name the variable."""
     parsers = {
         "enabled": parse_bool,
         "batch_threshold": parse_positive_int,
         "policy": parse_policy,
+        "kernel": parse_kernel,
     }
     fields: dict[str, Any] = {}
     for field, var in ENV_VARS.items():
@@ -156,7 +178,7 @@ def _threshold_arg(text: str) -> int:
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
-    """Add the four flags to `parser`; every default is None so the environment can fill in."""
+    """Add the five flags to `parser`; every default is None so the environment can fill in."""
     group = parser.add_argument_group("adaptive MoE (moe-dispatch plugin)")
     group.add_argument(
         "--enable-adaptive-moe",
@@ -175,7 +197,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="N",
         help=(
-            "Tokens per MoE call from which triton_kernels is used when no plan gives a crossover "
+            "Policy threshold: tokens per MoE call from which triton_kernels is used "
             f"(env {ENV_VARS['batch_threshold']}; default {DEFAULT_BATCH_THRESHOLD})."
         ),
     )
@@ -185,17 +207,27 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         choices=POLICIES,
         default=None,
         help=(
-            "measure: capture each decode batch size with both kernels and keep the faster graph; "
-            f"threshold: capture only the plan's or threshold's choice (env {ENV_VARS['policy']}; "
-            "default measure)."
+            "measure: time both kernels at start-up at every captured size and run the faster one; "
+            "threshold: triton below --adaptive-moe-batch-threshold tokens, triton_kernels from it; "
+            f"fixed: --adaptive-moe-kernel everywhere (env {ENV_VARS['policy']}; default measure)."
         ),
+    )
+    group.add_argument(
+        "--adaptive-moe-kernel",
+        dest=CLI_DESTS["kernel"],
+        choices=FIXED_KERNELS,
+        default=None,
+        help=f"The kernel of --adaptive-moe-policy fixed (env {ENV_VARS['kernel']}).",
     )
     group.add_argument(
         "--adaptive-moe-plan",
         dest=CLI_DESTS["plan_path"],
         default=None,
         metavar="PATH",
-        help=f"Plan file whose crossover replaces the threshold (env {ENV_VARS['plan_path']}).",
+        help=(
+            "Plan file: a matching one skips the start-up measurement; a new measurement is saved there "
+            f"(env {ENV_VARS['plan_path']})."
+        ),
     )
 
 

@@ -24,7 +24,6 @@ _SERVER_ARGS = "sglang.srt.server_args.ServerArgs"
 _UNQUANT = "sglang.srt.layers.quantization.unquant.UnquantizedFusedMoEMethod"
 _TOPK = "sglang.srt.layers.moe.topk.TopK"
 _MODEL_RUNNER = "sglang.srt.model_executor.model_runner.ModelRunner"
-_DECODE_RUNNER = "sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner"
 _FULL_BACKEND = "sglang.srt.model_executor.runner_backend.full_cuda_graph_backend.FullCudaGraphBackend"
 
 # Patched in every process (launcher and schedulers); inert while adaptive MoE is off.
@@ -38,18 +37,14 @@ CREATE_MOE_RUNNER = f"{_UNQUANT}.create_moe_runner"
 UNQUANT_FORWARD = f"{_UNQUANT}.forward_cuda"
 TOPK_FORWARD = f"{_TOPK}.forward_cuda"
 LOAD_MODEL = f"{_MODEL_RUNNER}.load_model"
-DECODE_CAPTURE = f"{_DECODE_RUNNER}.capture"
-DECODE_CAPTURE_ONE_SHAPE = f"{_DECODE_RUNNER}.capture_one_shape"
-FULL_CAPTURE_ONE = f"{_FULL_BACKEND}.capture_one"
+INIT_CUDA_GRAPHS = f"{_MODEL_RUNNER}.init_cuda_graphs"
 FULL_REPLAY = f"{_FULL_BACKEND}.replay"
 SCHEDULER_TARGETS: tuple[str, ...] = (
     CREATE_MOE_RUNNER,
     UNQUANT_FORWARD,
     TOPK_FORWARD,
     LOAD_MODEL,
-    DECODE_CAPTURE,
-    DECODE_CAPTURE_ONE_SHAPE,
-    FULL_CAPTURE_ONE,
+    INIT_CUDA_GRAPHS,
     FULL_REPLAY,
 )
 
@@ -75,9 +70,7 @@ SIGNATURES: Mapping[str, tuple[str, ...]] = MappingProxyType(
         UNQUANT_FORWARD: ("self", "layer", "dispatch_output"),
         TOPK_FORWARD: ("self", "hidden_states", "router_logits"),
         LOAD_MODEL: ("self",),
-        DECODE_CAPTURE: ("self",),
-        DECODE_CAPTURE_ONE_SHAPE: ("self", "size", "forward", "stream_idx", "variant_label"),
-        FULL_CAPTURE_ONE: ("self", "shape_key", "forward_fn", "capture_inputs", "post_warmup_hook"),
+        INIT_CUDA_GRAPHS: ("self", "capture_decode_cuda_graph"),
         FULL_REPLAY: ("self", "shape_key", "static_forward_batch"),
     }
 )
