@@ -4,6 +4,11 @@
         (the mode comes from the environment: SGLANG_ADAPTIVE_MOE*, as the serving benchmark sets it)
     python -m bench.engine_logits compare off.pt measure.pt triton.pt triton_kernels.pt
 
+Dummy weights are drawn per parameter in the layout the MoE runner backend loads, so only
+runs with the same weight layout hold the same model: compare the plugin's modes (which keep
+the Triton layout) with stock `--moe-runner-backend triton`, not with stock `auto` (which
+loads GPT-OSS in the triton_kernels layout).
+
 `run` loads the model with SGLang's one-batch benchmark code (ModelRunner, its prefill and
 decode CUDA-graph runners; dummy weights are seeded, so every process holds the same
 model), prefills fixed random prompts at each batch size and takes a few greedy decode
@@ -22,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from moe_dispatch.sglang_plugin.settings import from_env
 from moe_dispatch.testing import TOLERANCES, error_stats
 
 DEFAULT_BATCH_SIZES = (1, 8, 64)
@@ -42,17 +48,25 @@ def _load(model_path: str, batch_sizes: tuple[int, ...], extra: list[str]):
 
     argv = ["--model-path", model_path, *STOCK_FLAGS, "--cuda-graph-max-bs", str(max(batch_sizes)), *extra]
     server_args: ServerArgs = prepare_server_args(argv)
+    # The one-batch benchmark's main does this before loading: it makes the resolved MoE runner
+    # backend (stock GPT-OSS: triton_kernel) the one the layers are built with.
+    from sglang.srt.layers.moe import initialize_moe_config
+
+    initialize_moe_config(server_args)
     port_args = PortArgs.init_new(server_args)
     runner, _tokenizer = load_model(server_args, port_args, gpu_id=0, tp_rank=0)
     return runner
 
 
-def run(model_path: str, out: Path, batch_sizes: tuple[int, ...], input_len: int, extra: list[str]) -> None:
+def run(
+    model_path: str, out: Path, batch_sizes: tuple[int, ...], input_len: int, extra: list[str], label: str | None = None
+) -> None:
     import numpy as np
     from sglang.benchmark.one_batch import prepare_synthetic_inputs_for_latency_test
 
     runner = _load(model_path, batch_sizes, extra)
-    mode = os.environ.get("SGLANG_ADAPTIVE_MOE_POLICY", "measure") if os.environ.get("SGLANG_ADAPTIVE_MOE") else "off"
+    settings = from_env(os.environ)
+    mode = label or ("off" if not settings.enabled else settings.kernel or settings.policy)
     saved: dict[str, torch.Tensor] = {}
     for bs in batch_sizes:
         rng = np.random.default_rng(bs)
@@ -110,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     run_p.add_argument("--out", type=Path, required=True)
     run_p.add_argument("--batch-sizes", default=",".join(map(str, DEFAULT_BATCH_SIZES)))
     run_p.add_argument("--input-len", type=int, default=DEFAULT_INPUT_LEN)
+    run_p.add_argument("--label", default=None, help="name in the comparison table (default: the plugin mode)")
     cmp_p = sub.add_parser("compare", help="compare saved logits with the first file's")
     cmp_p.add_argument("files", nargs="+", type=Path)
     args = parser.parse_args(argv)
@@ -117,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         sizes = tuple(int(s) for s in args.batch_sizes.split(","))
         if not sizes or min(sizes) < 1:
             parser.error(f"--batch-sizes must be positive ints, got {args.batch_sizes!r}")
-        run(args.model_path, args.out, sizes, args.input_len, extra)
+        run(args.model_path, args.out, sizes, args.input_len, extra, args.label)
         return 0
     if len(args.files) < 2:
         parser.error("compare needs at least two files")

@@ -4,7 +4,9 @@ says where the numbers hold. Saved as JSON so a restart skips measurement.
 A plan is used only when its metadata equals this process's (GPU name and SM count,
 torch / Triton / SGLang / triton_kernels versions, the spec, the buckets, the
 candidate kernels). Otherwise it is refused with a warning naming each mismatch and
-the caller measures again; a missing or corrupt file is a warning, never fatal.
+the caller measures again; a missing or corrupt file is a warning, never fatal. A plan
+naming a kernel outside its own metadata's candidates (per bucket or as the eager
+kernel above the largest bucket) counts as corrupt.
 """
 
 from __future__ import annotations
@@ -122,6 +124,9 @@ class Plan:
         unknown = {c.kernel for c in plan.choices} - set(plan.metadata.kernels)
         if unknown:
             raise ValueError(f"malformed plan: chosen kernel(s) {sorted(unknown)} not among {plan.metadata.kernels}")
+        # The eager kernel indexes the prepared kernels at capture; an unknown name there was a bare KeyError.
+        if plan.eager_kernel not in plan.metadata.kernels:
+            raise ValueError(f"malformed plan: eager kernel {plan.eager_kernel!r} not among {plan.metadata.kernels}")
         return plan
 
     def save(self, path: str | os.PathLike) -> Path:

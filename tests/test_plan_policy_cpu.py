@@ -1,5 +1,6 @@
 """Policies (pure choice from settings and timings) and plan files (round trip, staleness, corruption)."""
 
+import dataclasses
 import json
 import warnings
 
@@ -111,6 +112,25 @@ def test_plan_choice_must_be_a_known_kernel(tmp_path):
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match=r"chosen kernel\(s\) \['cutlass'\]"):
         Plan.load(path)
+
+
+@pytest.mark.parametrize("eager", ["cutlass", "", "Triton"])
+def test_plan_eager_kernel_must_be_a_known_kernel(tmp_path, eager):
+    """An unknown eager kernel used to reach capture() and fail there with a bare KeyError."""
+    data = make_plan().to_json()
+    data["eager_kernel"] = eager
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=rf"malformed plan: eager kernel '{eager}' not among \('triton', "):
+        Plan.load(path)
+    with pytest.warns(UserWarning, match=rf"ignoring plan .*eager kernel '{eager}' not among.*; measuring again"):
+        assert load_matching_plan(path, metadata()) is None
+
+
+def test_plan_eager_kernel_may_be_any_candidate(tmp_path):
+    for eager in KERNELS:
+        plan = dataclasses.replace(make_plan(), eager_kernel=eager)
+        assert load_matching_plan(plan.save(tmp_path / f"{eager}.json"), metadata()) == plan
 
 
 def test_missing_plan_is_silent(tmp_path):

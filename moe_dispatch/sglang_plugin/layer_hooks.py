@@ -31,6 +31,8 @@ from typing import Any
 import torch
 
 from moe_dispatch.backends.base import Support
+from moe_dispatch.backends.tk_flags import call_with_view_flags
+from moe_dispatch.backends.triton_kernels_backend import top_k_support
 from moe_dispatch.sglang_plugin import targets
 from moe_dispatch.sglang_plugin.kernel_switch import SWITCH, KernelSwitch
 from moe_dispatch.spec import SILU, Activation, MoESpec, Routing
@@ -112,7 +114,15 @@ def around_unquant_forward_cuda(original: Any, method: Any, layer: Any, dispatch
     runner = getattr(method, _TK_RUNNER, None)
     if runner is None or not _sgl().TopKOutputChecker.format_is_triton_kernels(dispatch_output.topk_output):
         return original(method, layer, dispatch_output)
-    return runner.run(dispatch_output, tk_quant_info(layer))
+    info = tk_quant_info(layer)
+    # Small calls on views of narrow shards need the persistent kernel (moe_dispatch.backends.tk_flags).
+    return call_with_view_flags(
+        lambda: runner.run(dispatch_output, info),
+        dispatch_output.hidden_states.shape[0],
+        dispatch_output.topk_output.routing_data.n_expts_act,
+        info.w13_weight,
+        info.w2_weight,
+    )
 
 
 def around_topk_forward_cuda(
@@ -186,6 +196,9 @@ def layer_support(topk: Any, fused_moe: Any) -> Support:
     ):
         if not ok:
             return Support.no(f"TopKConfig.{name}={getattr(tc, name)!r} unsupported by triton_kernels routing")
+    answer = top_k_support(int(tc.top_k))  # triton_kernels routing compiles only power-of-2 top-k
+    if not answer:
+        return answer
     if getattr(topk, "enable_waterfill", False):
         return Support.no("waterfill TopK")
     if fused_moe.top_k is not None and fused_moe.top_k != tc.top_k:
