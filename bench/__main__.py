@@ -80,23 +80,6 @@ def build_specs(args: argparse.Namespace):
     return specs
 
 
-def versions() -> dict[str, str]:
-    import torch
-    import triton
-
-    from moe_dispatch.backends.sglang_env import sglang_version
-    from moe_dispatch.backends.triton_kernels_backend import triton_kernels_generation
-
-    return {
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": str(torch.version.cuda),
-        "sglang": str(sglang_version()),
-        "triton_kernels": str(triton_kernels_generation()),
-        "python": sys.version.split()[0],
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     import torch
 
@@ -109,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     args = parse_args(argv)
     from bench.plot import plot
-    from bench.results import BenchRun, save
+    from bench.results import BenchRun, save, versions
     from bench.roofline import Ceilings, measure_bf16_matmul_rate, measure_hbm_bandwidth
     from bench.runner import BenchSettings, run_shard
     from bench.table import render_run

@@ -19,6 +19,7 @@ import datetime
 import json
 import math
 import re
+import sys
 from pathlib import Path
 
 from bench.roofline import Ceilings, Floor
@@ -202,7 +203,7 @@ class BenchRun:
     shards: tuple[ShardResult, ...]
 
     def __post_init__(self) -> None:
-        if not isinstance(self.gpu, str) or not _slug(self.gpu):
+        if not isinstance(self.gpu, str) or not slug(self.gpu):
             raise ValueError(f"BenchRun.gpu must be a name with letters or digits, got {self.gpu!r}")
         _check_int("BenchRun.sm_count", self.sm_count, 1)
         _check_str_dict("BenchRun.versions", self.versions, str)
@@ -224,8 +225,27 @@ class BenchRun:
 # ---- JSON ----
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
+    """A file-name form of `text`: "NVIDIA H200" -> "nvidia-h200"."""
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def versions() -> dict[str, str]:
+    """Versions of the stack a result was measured with (imports torch and triton, never initializes CUDA)."""
+    import torch
+    import triton
+
+    from moe_dispatch.backends.sglang_env import sglang_version
+    from moe_dispatch.backends.triton_kernels_backend import triton_kernels_generation
+
+    return {
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": str(torch.version.cuda),
+        "sglang": str(sglang_version()),
+        "triton_kernels": str(triton_kernels_generation()),
+        "python": sys.version.split()[0],
+    }
 
 
 def _timing_json(t: Timing | None) -> dict | None:
@@ -347,10 +367,10 @@ def from_json(data: object) -> BenchRun:
 
 def save(run: BenchRun, directory: Path | str) -> Path:
     """Write `run` to <directory>/<gpu slug>/<date slug>.json and latest.json beside it; return the first."""
-    folder = Path(directory) / _slug(run.gpu)
+    folder = Path(directory) / slug(run.gpu)
     folder.mkdir(parents=True, exist_ok=True)
     text = json.dumps(to_json(run), indent=2) + "\n"
-    dated = folder / f"{_slug(run.date)}.json"
+    dated = folder / f"{slug(run.date)}.json"
     for path in (dated, folder / "latest.json"):
         # Write then rename, so a reader never sees half a file.
         tmp = path.with_suffix(".json.tmp")
