@@ -28,7 +28,7 @@ def test_support_is_falsy_with_reason():
 
 def test_registry_lists_every_kernel_with_reasons():
     answers = available_kernels()
-    assert tuple(answers) == KNOWN_KERNELS == ("torch", "triton", "triton_kernels")
+    assert tuple(answers) == KNOWN_KERNELS == ("torch", "triton", "triton_kernels", "small_batch", "flashinfer_cutlass")
     assert answers["torch"]
     for name, answer in answers.items():
         assert answer or answer.reason, f"{name} is unavailable without a reason"

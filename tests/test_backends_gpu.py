@@ -29,7 +29,9 @@ def record(case: Case, kernel: str, stats) -> None:
 
 def test_seed_kernels_are_available_on_the_gpu_machine():
     answers = available_kernels()
-    assert all(answers.values()), {k: v.reason for k, v in answers.items() if not v}
+    # flashinfer_cutlass is optional (its package, and a long first build): tested in test_flashinfer_gpu.py.
+    seed = {k: v for k, v in answers.items() if k != "flashinfer_cutlass"}
+    assert all(seed.values()), {k: v.reason for k, v in seed.items() if not v}
 
 
 @pytest.mark.parametrize("kernel_name", GPU_KERNELS)
