@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
+import os
 
 import torch
 
@@ -46,3 +48,13 @@ class Case:
 CASES: tuple[Case, ...] = tuple(
     Case(t, k, bias, act) for t, k, bias, act in itertools.product(TOKENS, TOP_KS, (True, False), ("swiglu", "silu"))
 )
+
+
+def record_error(case_id: str, kernel: str, stats, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Append one row of the case x kernel error table when MOE_DISPATCH_ERROR_TABLE names a file (reports)."""
+    path = os.environ.get("MOE_DISPATCH_ERROR_TABLE")
+    if path:
+        row = {"case": case_id, "kernel": kernel, "dtype": str(dtype).removeprefix("torch."), "rms": stats.rms}
+        row["max"] = stats.max
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")

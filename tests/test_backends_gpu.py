@@ -4,27 +4,16 @@ Set MOE_DISPATCH_ERROR_TABLE=path to also write the case x kernel error table (J
 lines) for reports.
 """
 
-import json
-import os
-
 import pytest
 import torch
 
 from moe_dispatch import ExpertWeights, available_kernels, get_backend, make_kernel, random_inputs, reference_moe
 from moe_dispatch.testing import assert_close
-from tests.cases import CASES, Case
+from tests.cases import CASES, Case, record_error
 
 pytestmark = pytest.mark.gpu
 
 GPU_KERNELS = ("torch", "triton", "triton_kernels")
-
-
-def record(case: Case, kernel: str, stats) -> None:
-    path = os.environ.get("MOE_DISPATCH_ERROR_TABLE")
-    if path:
-        with open(path, "a") as f:
-            row = {"case": case.id, "kernel": kernel, "rms": stats.rms, "max": stats.max}
-            f.write(json.dumps(row) + "\n")
 
 
 def test_seed_kernels_are_available_on_the_gpu_machine():
@@ -50,7 +39,7 @@ def test_kernel_matches_reference(case: Case, kernel_name: str):
     out = kernel(x, logits)
     assert out.shape == (case.num_tokens, spec.hidden_size) and out.dtype == spec.dtype
     stats = assert_close(out, reference_moe(spec, weights, x, logits), spec.dtype, f"{kernel_name} {case.id}")
-    record(case, kernel_name, stats)
+    record_error(case.id, kernel_name, stats)
 
 
 @pytest.mark.parametrize("kernel_name", ("triton", "triton_kernels"))

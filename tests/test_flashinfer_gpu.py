@@ -9,17 +9,14 @@ MOE_DISPATCH_ERROR_TABLE=path to append the case x kernel error rows (JSON lines
 tests/test_backends_gpu.py does.
 """
 
-import json
-import os
-
 import pytest
 import torch
 
 from graphs import capture
 from moe_dispatch import ExpertWeights, get_backend, preset, random_inputs, reference_moe
-from moe_dispatch.backends.flashinfer_moe import FlashInferCutlassBackend, kernel_weights, module_built
+from moe_dispatch.backends.flashinfer_moe import FlashInferCutlassBackend, kernel_weights
 from moe_dispatch.testing import assert_close
-from tests.cases import CASES, Case
+from tests.cases import CASES, Case, record_error
 
 KERNEL = "flashinfer_cutlass"
 
@@ -31,19 +28,6 @@ def available():
     answer = get_backend(KERNEL).availability()
     if not answer:
         pytest.skip(f"{KERNEL} unavailable here: {answer.reason}")
-    if module_built() is False and os.environ.get("MOE_DISPATCH_FLASHINFER_BUILD") != "1":
-        pytest.skip(
-            "FlashInfer's fused_moe_90 is not built yet and its JIT build takes tens of minutes: run "
-            "`bash bench/flashinfer_gpu.sh --out DIR --jit-only` first, or set MOE_DISPATCH_FLASHINFER_BUILD=1"
-        )
-
-
-def record(case: Case, kernel: str, stats) -> None:
-    path = os.environ.get("MOE_DISPATCH_ERROR_TABLE")
-    if path:
-        with open(path, "a") as f:
-            row = {"case": case.id, "kernel": kernel, "rms": stats.rms, "max": stats.max}
-            f.write(json.dumps(row) + "\n")
 
 
 def untuned(router: str = "auto") -> FlashInferCutlassBackend:
@@ -66,7 +50,7 @@ def test_matches_reference(case: Case):
     out = kernel(x, logits)
     assert out.shape == (case.num_tokens, spec.hidden_size) and out.dtype == spec.dtype
     stats = assert_close(out, reference_moe(spec, weights, x, logits), spec.dtype, f"{KERNEL} {case.id}")
-    record(case, KERNEL, stats)
+    record_error(case.id, KERNEL, stats)
 
 
 @pytest.mark.parametrize("case", [Case(37, 4, True, "swiglu"), Case(129, 2, False, "silu")], ids=lambda c: c.id)

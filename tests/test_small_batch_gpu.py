@@ -9,9 +9,6 @@ Set MOE_DISPATCH_ERROR_TABLE=path to append the case x kernel error rows (JSON l
 tests/test_backends_gpu.py does (bf16 rows under the shared case id, fp16 rows with "-fp16").
 """
 
-import json
-import os
-
 import pytest
 import torch
 
@@ -19,7 +16,7 @@ from graphs import capture
 from moe_dispatch import ExpertWeights, get_backend, make_kernel, preset, random_inputs, reference_moe
 from moe_dispatch.spec import MoESpec
 from moe_dispatch.testing import assert_close
-from tests.cases import CASES, Case
+from tests.cases import CASES, Case, record_error
 
 KERNEL = "small_batch"
 GPU_CASES = tuple(case for case in CASES if case.num_tokens <= 129)
@@ -33,15 +30,6 @@ def available():
     answer = get_backend(KERNEL).availability()
     if not answer:
         pytest.skip(f"{KERNEL} unavailable here: {answer.reason}")
-
-
-def record(case_id: str, dtype: torch.dtype, stats) -> None:
-    path = os.environ.get("MOE_DISPATCH_ERROR_TABLE")
-    if path:
-        with open(path, "a") as f:
-            row = {"case": case_id, "kernel": KERNEL, "dtype": str(dtype).removeprefix("torch."), "rms": stats.rms}
-            row["max"] = stats.max
-            f.write(json.dumps(row) + "\n")
 
 
 def untied_inputs(spec: MoESpec, num_tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,7 +62,7 @@ def test_matches_reference(case: Case, dtype_name: str):
     out = kernel(x, logits)
     assert out.shape == (case.num_tokens, spec.hidden_size) and out.dtype == dtype
     stats = assert_close(out, reference_moe(spec, weights, x, logits), dtype, f"{KERNEL} {case.id} {dtype_name}")
-    record(case.id if dtype == torch.bfloat16 else f"{case.id}-{dtype_name}", dtype, stats)
+    record_error(case.id if dtype == torch.bfloat16 else f"{case.id}-{dtype_name}", KERNEL, stats, dtype)
 
 
 @pytest.mark.parametrize(
@@ -90,7 +78,7 @@ def test_model_shard_shapes(name: str, tp: int):
         stats = assert_close(
             kernel(x, logits), reference_moe(spec, weights, x, logits), spec.dtype, f"{spec.name} T={T}"
         )
-        record(f"{name}-tp{tp}-T{T}", spec.dtype, stats)
+        record_error(f"{name}-tp{tp}-T{T}", KERNEL, stats, spec.dtype)
 
 
 def test_deterministic():
