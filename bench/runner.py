@@ -26,6 +26,7 @@ from bench.roofline import Ceilings, floor, touched_experts
 from graphs.timing import time_callable
 from moe_dispatch import ExpertWeights, make_kernel, random_inputs, reference_moe, route
 from moe_dispatch.adaptive import AdaptiveMoE, graph_candidates
+from moe_dispatch.backends import candidate_at
 from moe_dispatch.policy import DEFAULT_THRESHOLD, threshold_kernel
 from moe_dispatch.spec import MoESpec
 from moe_dispatch.testing import TOLERANCES, error_stats
@@ -55,7 +56,7 @@ def check_correctness(
         x, logits = random_inputs(spec, T, device=weights.device, seed=seed + T)
         ref = reference_moe(spec, weights, x, logits)
         for name in names:
-            if name in errors:
+            if name in errors or not candidate_at(name, T):
                 continue
             try:
                 stats = error_stats(make_kernel(name, spec, weights)(x, logits), ref)
@@ -117,12 +118,12 @@ def run_shard(
             lg_rows = logits[:T]
             # Every column is timed here, in one pass, the same way (the capture's own timings
             # chose the winners; re-timing side by side keeps clock drift out of the comparison).
-            kernels = {n: timed(partial(moe.graphs.replay_variant, T, n)) for n in good}
+            kernels = {n: timed(partial(moe.graphs.replay_variant, T, n)) for n in good if candidate_at(n, T)}
             adaptive = timed(partial(moe.replay_bucket, T))
             static_rule = timed(partial(moe.graphs.replay_variant, T, rule_kernel)) if rule_kernel else None
             eager = {}
             if settings.eager:
-                eager = {n: timed(partial(moe.kernels[n], x, lg)) for n in good}
+                eager = {n: timed(partial(moe.kernels[n], x, lg)) for n in good if candidate_at(n, T)}
             touched = touched_experts(route(lg_rows, spec.top_k, spec.routing)[1])
             batch = BatchResult(
                 num_tokens=T,

@@ -134,6 +134,7 @@ class BucketedGraphs:
     ranges: names profiler ranges for the "capture", "measure" and "replay" stages.
     progress: receives one line per (bucket, variant) step, and one for the re-capture.
     group: torch.distributed group whose ranks must agree on the winners.
+    eligible: (variant, bucket) -> whether the variant is a candidate at that bucket (default: all).
     """
 
     def __init__(
@@ -147,6 +148,7 @@ class BucketedGraphs:
         ranges: RangeNamer = no_ranges,
         progress: Callable[[str], None] | None = None,
         group: object = None,
+        eligible: Callable[[str, int], bool] | None = None,
     ) -> None:
         if not variants:
             raise ValueError("variants is empty; expected at least one name -> callable")
@@ -176,6 +178,7 @@ class BucketedGraphs:
         self._ranged = ranges is not no_ranges
         self._progress = progress
         self._group = group
+        self._eligible = eligible
         self._kept: dict[int, dict[str, CapturedGraph]] = {}
         # Hot path: bucket -> (graph, static output, winner name).
         self._table: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, str]] = {}
@@ -208,7 +211,9 @@ class BucketedGraphs:
         stream = torch.cuda.Stream()
         before = _read_memory()
         # Re-capture only when there were losers to free: some bucket had more than one candidate.
-        recapture = not self._keep_all and len(self._variants) > 1 and any(b not in chosen for b in self._buckets)
+        recapture = not self._keep_all and any(
+            b not in chosen and sum(self._is_candidate(n, b) for n in self._variants) > 1 for b in self._buckets
+        )
         measured = measure_buckets(
             self._variants,
             self._static,
@@ -220,6 +225,7 @@ class BucketedGraphs:
             ranges=self._ranges,
             progress=self._progress,
             group=self._group,
+            eligible=self._eligible,
         )
         all_variants = _read_memory()
         results = list(measured.results)
@@ -253,6 +259,9 @@ class BucketedGraphs:
             memory_winners=after,
             recapture_seconds=recapture_seconds,
         )
+
+    def _is_candidate(self, name: str, bucket: int) -> bool:
+        return self._eligible is None or self._eligible(name, bucket)
 
     def _recapture(
         self, winners: Mapping[int, str], pool: tuple[int, int], stream: torch.cuda.Stream

@@ -98,12 +98,15 @@ def measure_buckets(
     ranges: RangeNamer = no_ranges,
     progress: Callable[[str], None] | None = None,
     group: object = None,
+    eligible: Callable[[str, int], bool] | None = None,
 ) -> Measurement:
     """Capture each bucket's candidates into `pool`, time the unchosen buckets, select per bucket.
 
     variants: name -> fn(*inputs) -> Tensor with one output row per input row.
     static_inputs: CUDA tensors [>= max(buckets), ...]; bucket b's graphs read t[:b].
     timing: one TimingPlan, or bucket -> TimingPlan (fewer replays for long graphs).
+    eligible: (variant, bucket) -> whether the variant is a candidate there (default: all are);
+        it must answer alike on every rank.
     Collective when torch.distributed is initialized: every rank of `group` must call it
     with the same buckets, variants and `choose`. Raises RuntimeError when a bucket is
     left with no variant that captured (on every rank).
@@ -111,7 +114,9 @@ def measure_buckets(
     chosen = dict(choose or {})
     plan_for = timing if callable(timing) else (lambda _bucket: timing)
     start = time.perf_counter()
-    order = [(b, (chosen[b],) if b in chosen else tuple(variants)) for b in sorted(buckets, reverse=True)]
+    order = [
+        (b, (chosen[b],) if b in chosen else _candidates(variants, b, eligible)) for b in sorted(buckets, reverse=True)
+    ]
     total = sum(len(names) for _, names in order)
     steps = iter(range(1, total + 1))  # one progress step per (bucket, variant)
     measured: dict[int, _Measured] = {}
@@ -136,6 +141,15 @@ def measure_buckets(
     results = _select(sorted(buckets), measured, chosen, agreed)
     graphs = {b: m.graphs for b, m in measured.items()}
     return Measurement(tuple(results), graphs, time.perf_counter() - start)
+
+
+def _candidates(
+    variants: Mapping[str, object], bucket: int, eligible: Callable[[str, int], bool] | None
+) -> tuple[str, ...]:
+    names = tuple(n for n in variants if eligible is None or eligible(n, bucket))
+    if not names:
+        raise ValueError(f"no variant of {sorted(variants)} is eligible at bucket {bucket}")
+    return names
 
 
 @dataclass(frozen=True)

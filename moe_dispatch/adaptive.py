@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from graphs import DEFAULT_BUCKETS, BucketedGraphs, CaptureReport, validate_buckets
-from moe_dispatch.backends import PreparedKernel, get_backend, kernel_support, make_kernel
+from moe_dispatch.backends import PreparedKernel, candidate_at, get_backend, kernel_support, make_kernel
 from moe_dispatch.backends.base import check_inputs
 from moe_dispatch.backends.registry import KNOWN_KERNELS
 from moe_dispatch.plan import BucketChoice, Plan, PlanMetadata, load_matching_plan
@@ -118,6 +118,7 @@ class AdaptiveMoE:
             ranges=NvtxRanges(),
             progress=self._progress,
             group=group,
+            eligible=candidate_at,
         )
         self.report: CaptureReport | None = None
         self.plan: Plan | None = None

@@ -542,3 +542,33 @@ def test_fake_failed_recapture_names_bucket_and_variant(fake_cuda):
     with pytest.raises(RuntimeError, match=r"bucket 16: winner 'flaky' failed to re-capture.*out of memory"):
         g.capture()
     assert g.winners == {}
+
+
+# ---- per-bucket eligibility (a kernel built for small batches) -----------------------------------
+
+
+def test_fake_ineligible_variants_are_neither_captured_nor_chosen(fake_cuda):
+    # "small" would win at 1, 2 and 8, but it is a candidate only up to 2 rows.
+    g = BucketedGraphs(
+        _fake_variants(), [torch.zeros(16, 3)], FAKE_BUCKETS, eligible=lambda name, b: name != "small" or b <= 2
+    )
+    report = g.capture()
+    assert report.winners() == {1: "small", 2: "small", 8: "large", 16: "large"}
+    by_bucket = {r.bucket: set(r.timings_ms) for r in report.results}
+    assert by_bucket[8] == by_bucket[16] == {"large", "slow"} and by_bucket[1] == {"small", "large", "slow"}
+    scratch = [(fn, rows) for fn, rows, *_ in fake_cuda.captures][:10]
+    assert all(rows <= 2 for fn, rows in scratch if fn is g._variants["small"])
+
+
+def test_fake_a_bucket_without_candidates_is_refused(fake_cuda):
+    g = BucketedGraphs(_fake_variants(), [torch.zeros(16, 3)], FAKE_BUCKETS, eligible=lambda name, b: b < 16)
+    with pytest.raises(ValueError, match="no variant .* is eligible at bucket 16"):
+        g.capture()
+
+
+def test_candidate_at_follows_the_backend_limit():
+    from moe_dispatch.backends import candidate_at, get_backend
+
+    limit = get_backend("small_batch").max_tokens
+    assert limit is not None and candidate_at("small_batch", limit) and not candidate_at("small_batch", limit + 1)
+    assert get_backend("triton").max_tokens is None and candidate_at("triton", 10**6)

@@ -4,6 +4,7 @@ from moe_dispatch.backends.base import KernelBackend, PreparedKernel, Support
 from moe_dispatch.backends.registry import (
     KNOWN_KERNELS,
     available_kernels,
+    candidate_at,
     get_backend,
     kernel_support,
     make_kernel,
@@ -15,6 +16,7 @@ __all__ = [
     "PreparedKernel",
     "Support",
     "available_kernels",
+    "candidate_at",
     "get_backend",
     "kernel_support",
     "make_kernel",

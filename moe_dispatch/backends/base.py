@@ -71,6 +71,9 @@ class PreparedKernel(abc.ABC):
 
 class KernelBackend(abc.ABC):
     name: str = "?"
+    # The largest call (tokens) this backend is a candidate for; None: any. Larger calls stay
+    # correct but are never measured or chosen (e.g. a kernel built for decode sizes).
+    max_tokens: int | None = None
 
     @abc.abstractmethod
     def availability(self) -> Support:

@@ -43,6 +43,12 @@ def kernel_support(name: str, spec: MoESpec | None = None) -> Support:
     return answer
 
 
+def candidate_at(name: str, num_tokens: int) -> bool:
+    """Whether kernel `name` is a candidate for calls of `num_tokens` (its backend's `max_tokens`)."""
+    limit = get_backend(name).max_tokens
+    return limit is None or num_tokens <= limit
+
+
 def available_kernels(spec: MoESpec | None = None) -> dict[str, Support]:
     """Every known kernel -> Support: what can run here, and for the rest, why not."""
     return {name: kernel_support(name, spec) for name in KNOWN_KERNELS}
