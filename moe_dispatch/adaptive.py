@@ -154,6 +154,8 @@ class AdaptiveMoE:
             self.plan, self.plan_reused = loaded, True
         else:
             eager = eager_kernel(self.policy, winners, self.threshold, self.fixed_kernel)
+            if not candidate_at(eager, self.buckets[-1] + 1):
+                eager = self._unlimited_fastest(report)
             choices = tuple(
                 BucketChoice(r.bucket, r.winner, {n: s.median_ms for n, s in r.timings_ms.items()})
                 for r in report.results
@@ -172,6 +174,15 @@ class AdaptiveMoE:
             f"extra weight bytes {self.extra_weight_bytes}"
         )
         return report
+
+    def _unlimited_fastest(self, report: CaptureReport) -> str:
+        """The eager kernel when the largest bucket's winner is limited to small calls: the fastest
+        kernel there without a token limit (the first such candidate when nothing was timed)."""
+        unlimited = [n for n in self.kernels if get_backend(n).max_tokens is None]
+        if not unlimited:
+            raise ValueError(f"every candidate {list(self.kernels)} has a token limit; none can run large batches")
+        timed = report.results[-1].timings_ms
+        return min(unlimited, key=lambda n: (timed[n].median_ms if n in timed else float("inf"), unlimited.index(n)))
 
     # ---- calls ---------------------------------------------------------------------------------
 

@@ -32,3 +32,22 @@ def test_unknown_kernel_and_bad_settings():
         AdaptiveMoE(SPEC, weights, kernels=["torch"])
     with pytest.raises(ValueError, match="policy 'fixed' needs fixed_kernel"):
         AdaptiveMoE(SPEC, weights, kernels=["triton"], policy="fixed", fixed_kernel="triton_kernels")
+
+
+def test_eager_kernel_is_never_one_limited_to_small_calls():
+    from types import SimpleNamespace
+
+    from graphs.timing import ReplayStats
+
+    moe = object.__new__(AdaptiveMoE)  # only the kernel names matter here
+    moe.kernels = dict.fromkeys(("small_batch", "triton", "triton_kernels"))
+
+    def report(**ms):
+        timings = {name: ReplayStats(t, t, t, 1) for name, t in ms.items()}
+        return SimpleNamespace(results=(SimpleNamespace(timings_ms=timings),))
+
+    assert moe._unlimited_fastest(report(small_batch=0.01, triton=0.05, triton_kernels=0.03)) == "triton_kernels"
+    assert moe._unlimited_fastest(report(small_batch=0.01)) == "triton"  # nothing timed: the first unlimited
+    moe.kernels = {"small_batch": None}
+    with pytest.raises(ValueError, match="token limit"):
+        moe._unlimited_fastest(report(small_batch=0.01))
