@@ -30,7 +30,7 @@ import torch
 
 from graphs.buckets import DEFAULT_BUCKETS, bucket_for, validate_buckets
 from graphs.capture import CapturedGraph, CaptureError, capture, require_cuda
-from graphs.measure import BucketResult, TimingPlan, check_rows, measure_buckets
+from graphs.measure import BucketResult, TimingPlan, candidates, check_rows, measure_buckets
 from graphs.ranges import RangeNamer, no_ranges
 
 
@@ -212,7 +212,7 @@ class BucketedGraphs:
         before = _read_memory()
         # Re-capture only when there were losers to free: some bucket had more than one candidate.
         recapture = not self._keep_all and any(
-            b not in chosen and sum(self._is_candidate(n, b) for n in self._variants) > 1 for b in self._buckets
+            b not in chosen and len(candidates(self._variants, b, self._eligible)) > 1 for b in self._buckets
         )
         measured = measure_buckets(
             self._variants,
@@ -259,9 +259,6 @@ class BucketedGraphs:
             memory_winners=after,
             recapture_seconds=recapture_seconds,
         )
-
-    def _is_candidate(self, name: str, bucket: int) -> bool:
-        return self._eligible is None or self._eligible(name, bucket)
 
     def _recapture(
         self, winners: Mapping[int, str], pool: tuple[int, int], stream: torch.cuda.Stream

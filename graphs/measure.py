@@ -115,7 +115,7 @@ def measure_buckets(
     plan_for = timing if callable(timing) else (lambda _bucket: timing)
     start = time.perf_counter()
     order = [
-        (b, (chosen[b],) if b in chosen else _candidates(variants, b, eligible)) for b in sorted(buckets, reverse=True)
+        (b, (chosen[b],) if b in chosen else candidates(variants, b, eligible)) for b in sorted(buckets, reverse=True)
     ]
     total = sum(len(names) for _, names in order)
     steps = iter(range(1, total + 1))  # one progress step per (bucket, variant)
@@ -143,9 +143,10 @@ def measure_buckets(
     return Measurement(tuple(results), graphs, time.perf_counter() - start)
 
 
-def _candidates(
+def candidates(
     variants: Mapping[str, object], bucket: int, eligible: Callable[[str, int], bool] | None
 ) -> tuple[str, ...]:
+    """The variants eligible at `bucket`, in order; ValueError when there is none."""
     names = tuple(n for n in variants if eligible is None or eligible(n, bucket))
     if not names:
         raise ValueError(f"no variant of {sorted(variants)} is eligible at bucket {bucket}")
