@@ -27,16 +27,15 @@ from pathlib import Path
 
 import torch
 
+from bench.serving.driver import ENGINE_FLAGS
 from moe_dispatch.sglang_plugin.settings import from_env
 from moe_dispatch.testing import TOLERANCES, error_stats
 
 DEFAULT_BATCH_SIZES = (1, 8, 64)
 DEFAULT_INPUT_LEN = 64
 DECODE_STEPS = 3
-STOCK_FLAGS = (
-    "--load-format dummy --attention-backend triton --sampling-backend pytorch --grammar-backend none "
-    "--disable-radix-cache --mem-fraction-static 0.6"
-).split()
+# The serving benchmark's engine flags (what our GPU machine's SGLang needs), on dummy weights.
+STOCK_FLAGS = ("--load-format", "dummy", *ENGINE_FLAGS, "--mem-fraction-static", "0.6")
 
 
 def _load(model_path: str, batch_sizes: tuple[int, ...], extra: list[str]):

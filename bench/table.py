@@ -33,7 +33,8 @@ def _escape(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|")
 
 
-def _row(cells: list[str]) -> str:
+def markdown_row(cells: list[str]) -> str:
+    """One Markdown table row (cells are not escaped: see `_escape`)."""
     return "| " + " | ".join(cells) + " |"
 
 
@@ -49,7 +50,7 @@ def markdown_table(shard: ShardResult, ceilings: Ceilings) -> str:
         + [f"{k}/floor" for k in kernels]
         + ["adaptive/floor", "rule/floor"]
     )
-    lines = [_row(header), _row(["--:" if i in (0, 2) else "---" for i in range(len(header))])]
+    lines = [markdown_row(header), markdown_row(["--:" if i in (0, 2) else "---" for i in range(len(header))])]
     footnotes: list[str] = []
     rows = sorted(shard.batches, key=lambda b: (b.num_tokens, ROUTINGS.index(b.routing)))
     for b in rows:
@@ -77,7 +78,7 @@ def markdown_table(shard: ShardResult, ceilings: Ceilings) -> str:
             + [_ratio_cell(b, b.kernels.get(k)) for k in kernels]
             + [_ratio_cell(b, b.adaptive), _ratio_cell(b, b.static_rule)]
         )
-        lines.append(_row(cells))
+        lines.append(markdown_row(cells))
     lines += [
         "",
         "Times in us: median (p20-p80) of CUDA-graph replays. "

@@ -20,6 +20,7 @@ from bench.serving import records
 from bench.serving.logparse import Phase
 from bench.serving.modes import BASELINE, MODES
 from bench.serving.records import RunRecord, Session
+from bench.table import markdown_row
 
 FORMAT = "moe-dispatch-serving"
 FORMAT_VERSION = 1
@@ -109,14 +110,10 @@ def _ratio(num: Stat | None, den: Stat | None) -> str:
     return f"{num.median / den.median:.2f}x"
 
 
-def _row(cells: list[str]) -> str:
-    return "| " + " | ".join(cells) + " |"
-
-
 def _table(header: list[str], rows: list[list[str]], left: int = 0) -> list[str]:
     """Markdown table; the first `left` columns left-aligned, the others right-aligned."""
     align = ["---"] * left + ["--:"] * (len(header) - left)
-    return [_row(header), _row(align), *(_row(r) for r in rows)]
+    return [markdown_row(header), markdown_row(align), *(markdown_row(r) for r in rows)]
 
 
 def _by_size(summaries: dict[str, ModeSummary], field: str, first: str) -> list[str]:
