@@ -58,3 +58,14 @@ def record_error(case_id: str, kernel: str, stats, dtype: torch.dtype = torch.bf
         row["max"] = stats.max
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
+
+
+def skip_unless_available(kernel: str) -> None:
+    """pytest.skip with the backend's own reason when `kernel` cannot run here."""
+    import pytest
+
+    from moe_dispatch.backends import get_backend
+
+    answer = get_backend(kernel).availability()
+    if not answer:
+        pytest.skip(f"{kernel} unavailable here: {answer.reason}")

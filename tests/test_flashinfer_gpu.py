@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from graphs import capture
-from moe_dispatch import ExpertWeights, get_backend, preset, random_inputs, reference_moe
+from moe_dispatch import ExpertWeights, preset, random_inputs, reference_moe
 from moe_dispatch.backends.flashinfer_moe import FlashInferCutlassBackend, kernel_weights
 from moe_dispatch.testing import assert_close
-from tests.cases import CASES, Case, record_error
+from tests.cases import CASES, Case, record_error, skip_unless_available
 
 KERNEL = "flashinfer_cutlass"
 
@@ -25,9 +25,7 @@ pytestmark = pytest.mark.gpu
 
 @pytest.fixture(scope="module", autouse=True)
 def available():
-    answer = get_backend(KERNEL).availability()
-    if not answer:
-        pytest.skip(f"{KERNEL} unavailable here: {answer.reason}")
+    skip_unless_available(KERNEL)
 
 
 def untuned(router: str = "auto") -> FlashInferCutlassBackend:

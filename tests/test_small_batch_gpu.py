@@ -16,7 +16,7 @@ from graphs import capture
 from moe_dispatch import ExpertWeights, get_backend, make_kernel, preset, random_inputs, reference_moe
 from moe_dispatch.spec import MoESpec
 from moe_dispatch.testing import assert_close
-from tests.cases import CASES, Case, record_error
+from tests.cases import CASES, Case, record_error, skip_unless_available
 
 KERNEL = "small_batch"
 GPU_CASES = tuple(case for case in CASES if case.num_tokens <= 129)
@@ -27,9 +27,7 @@ pytestmark = pytest.mark.gpu
 
 @pytest.fixture(scope="module", autouse=True)
 def available():
-    answer = get_backend(KERNEL).availability()
-    if not answer:
-        pytest.skip(f"{KERNEL} unavailable here: {answer.reason}")
+    skip_unless_available(KERNEL)
 
 
 def untied_inputs(spec: MoESpec, num_tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
