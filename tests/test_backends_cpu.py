@@ -28,7 +28,8 @@ def test_support_is_falsy_with_reason():
 
 def test_registry_lists_every_kernel_with_reasons():
     answers = available_kernels()
-    assert tuple(answers) == KNOWN_KERNELS == ("torch", "triton", "triton_kernels", "small_batch", "flashinfer_cutlass")
+    expected = ("torch", "triton", "triton_tuned", "triton_kernels", "small_batch", "flashinfer_cutlass")
+    assert tuple(answers) == KNOWN_KERNELS == expected
     assert answers["torch"]
     for name, answer in answers.items():
         assert answer or answer.reason, f"{name} is unavailable without a reason"
@@ -45,7 +46,8 @@ def test_gpu_backends_say_why_they_are_unavailable_here():
 
 
 def test_unknown_kernel_lists_known_ones():
-    with pytest.raises(ValueError, match=r"unknown kernel 'cutlass'; known kernels: torch, triton, triton_kernels"):
+    known = "torch, triton, triton_tuned, triton_kernels"
+    with pytest.raises(ValueError, match=rf"unknown kernel 'cutlass'; known kernels: {known}"):
         get_backend("cutlass")
 
 

@@ -17,6 +17,7 @@ from moe_dispatch.weights import ExpertWeights
 _BACKENDS: dict[str, tuple[str, str]] = {
     "torch": ("moe_dispatch.backends.torch_backend", "TorchBackend"),
     "triton": ("moe_dispatch.backends.sglang_triton", "SGLangTritonBackend"),
+    "triton_tuned": ("moe_dispatch.backends.sglang_triton_tuned", "SGLangTritonTunedBackend"),
     "triton_kernels": ("moe_dispatch.backends.triton_kernels_backend", "TritonKernelsBackend"),
     "small_batch": ("moe_dispatch.backends.small_batch.backend", "SmallBatchBackend"),
     "flashinfer_cutlass": ("moe_dispatch.backends.flashinfer_moe", "FlashInferCutlassBackend"),

@@ -13,6 +13,7 @@ overwrite the static input buffer of a captured graph), and no expert parallelis
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -72,6 +73,10 @@ class SGLangKernel(PreparedKernel):
         self._runner = MoeRunner(MoeRunnerBackend[runner_backend], runner_config(spec))
         self._quant_info = quant_info
 
+    def _run_context(self, num_tokens: int) -> contextlib.AbstractContextManager[Any]:
+        """Entered around the runner call; a subclass may set SGLang state there (tile configs)."""
+        return contextlib.nullcontext()
+
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         from sglang.srt.layers.moe.token_dispatcher.standard import StandardDispatchOutput
 
@@ -79,4 +84,5 @@ class SGLangKernel(PreparedKernel):
         dispatch = StandardDispatchOutput(
             hidden_states=hidden_states, hidden_states_scale=None, topk_output=topk_output
         )
-        return self._runner.run(dispatch, self._quant_info).hidden_states
+        with self._run_context(hidden_states.shape[0]):
+            return self._runner.run(dispatch, self._quant_info).hidden_states

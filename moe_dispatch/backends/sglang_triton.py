@@ -6,6 +6,8 @@ SGLang's wrapper asserts), so this backend costs no extra weight memory.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from moe_dispatch.backends.base import KernelBackend, PreparedKernel, Support
@@ -27,9 +29,14 @@ class SGLangTritonBackend(KernelBackend):
         return Support.yes()
 
     def _prepare(self, spec: MoESpec, weights: ExpertWeights) -> PreparedKernel:
-        from sglang.srt.layers.moe.moe_runner.triton import TritonMoeQuantInfo
-
-        w13, w2 = weights.w13.contiguous(), weights.w2.contiguous()
-        extra = sum(t.nbytes for t, src in ((w13, weights.w13), (w2, weights.w2)) if t is not src)
-        quant_info = TritonMoeQuantInfo(w13_weight=w13, w2_weight=w2, b13=weights.b13, b2=weights.b2)
+        quant_info, extra = triton_quant_info(weights)
         return SGLangKernel(self.name, spec, weights, "TRITON", "STANDARD", quant_info, extra)
+
+
+def triton_quant_info(weights: ExpertWeights) -> tuple[Any, int]:
+    """SGLang's TritonMoeQuantInfo over contiguous weights, and the bytes a copy (if any) added."""
+    from sglang.srt.layers.moe.moe_runner.triton import TritonMoeQuantInfo
+
+    w13, w2 = weights.w13.contiguous(), weights.w2.contiguous()
+    extra = sum(t.nbytes for t, src in ((w13, weights.w13), (w2, weights.w2)) if t is not src)
+    return TritonMoeQuantInfo(w13_weight=w13, w2_weight=w2, b13=weights.b13, b2=weights.b2), extra

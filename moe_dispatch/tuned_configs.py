@@ -1,0 +1,421 @@
+"""Tuned tile configs for SGLang's Triton fused_moe, per GPU, Triton version and MoE shape.
+
+A `TunedTable` holds, per batch bucket, one `BucketConfig`: the tile config of the up
+(gate/up) matmul and of the down matmul, with the times the tuner measured. Tables are
+written by `python -m bench.tune` as JSON files laid out as
+
+    <directory>/<gpu-slug>/triton_<version>/<shape>.json
+
+with a schema version, the key they were tuned for and a sha256 over the content. A
+file is used only when its key equals this process's (GPU name, Triton version, shape);
+otherwise `load_table` raises `TunedConfigError` naming the file and what is wrong.
+
+`sglang_tile_configs(bucket)` makes SGLang's fused_moe use one bucket's configs for
+the duration of a call (at graph capture, so replays cost nothing extra).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import importlib
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moe_dispatch.spec import MoESpec
+
+FORMAT = "moe-dispatch-tuned-configs"
+SCHEMA = 1
+TUNED_DIR_ENV = "MOE_DISPATCH_TUNED_DIR"
+
+# The module whose `try_get_optimal_moe_config` name fused_moe's config lookup calls.
+fused_moe_module_name = "sglang.srt.layers.moe.moe_runner.triton_utils.fused_moe"
+_TRITON_UTILS_MODULE = "sglang.srt.layers.moe.moe_runner.triton_utils"
+_RESOLVER = "try_get_optimal_moe_config"
+
+# TileConfig field -> SGLang config key.
+_SGLANG_KEYS: dict[str, str] = {
+    "block_m": "BLOCK_SIZE_M",
+    "block_n": "BLOCK_SIZE_N",
+    "block_k": "BLOCK_SIZE_K",
+    "group_m": "GROUP_SIZE_M",
+    "num_warps": "num_warps",
+    "num_stages": "num_stages",
+}
+# Triton's launch defaults on NVIDIA, which SGLang's built-in default configs rely on.
+_TRITON_DEFAULTS = {"num_warps": 4, "num_stages": 3}
+_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+class TunedConfigError(ValueError):
+    """A tuned-config file that cannot be used: unreadable, foreign, tampered, stale or invalid."""
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _power_of_two(value: int) -> bool:
+    return value > 0 and value & (value - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """One Triton fused_moe launch config (one matmul)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            if not _is_int(getattr(self, field.name)):
+                raise ValueError(f"TileConfig.{field.name} must be an int, got {getattr(self, field.name)!r}")
+        for field in ("block_m", "block_n", "block_k"):
+            value = getattr(self, field)
+            if value < 16 or not _power_of_two(value):  # tl.dot needs >= 16 per dimension
+                raise ValueError(f"TileConfig.{field}={value} must be a power of 2 and >= 16")
+        if self.group_m < 1:
+            raise ValueError(f"TileConfig.group_m={self.group_m} must be >= 1")
+        if not _power_of_two(self.num_warps) or self.num_warps > 32:
+            raise ValueError(f"TileConfig.num_warps={self.num_warps} must be a power of 2 up to 32")
+        if self.num_stages < 1:
+            raise ValueError(f"TileConfig.num_stages={self.num_stages} must be >= 1")
+
+    def to_sglang(self) -> dict[str, int]:
+        """A fresh dict with SGLang's keys (fresh: SGLang pops keys from the down config)."""
+        return {key: getattr(self, field) for field, key in _SGLANG_KEYS.items()}
+
+    @staticmethod
+    def from_sglang(config: Mapping[str, Any]) -> TileConfig:
+        """From SGLang's keys; num_warps/num_stages default to Triton's (4, 3) when absent."""
+        unknown = set(config) - set(_SGLANG_KEYS.values())
+        if unknown:
+            raise ValueError(f"unknown tile config key(s) {sorted(unknown)}; expected {list(_SGLANG_KEYS.values())}")
+        missing = [key for field, key in _SGLANG_KEYS.items() if key not in config and field not in _TRITON_DEFAULTS]
+        if missing:
+            raise ValueError(f"tile config lacks {missing}")
+        return TileConfig(
+            **{field: config.get(key, _TRITON_DEFAULTS.get(field)) for field, key in _SGLANG_KEYS.items()}
+        )
+
+    def label(self) -> str:
+        return f"m{self.block_m}n{self.block_n}k{self.block_k}g{self.group_m}w{self.num_warps}s{self.num_stages}"
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketConfig:
+    """The configs of both matmuls at one bucket, and what the tuner measured there.
+
+    Times are medians of graph replays of the whole MoE call, in ms (None: not measured):
+    up_ms after tuning the up matmul, down_ms with the tuned up and down pair stored
+    here, default_ms with SGLang's own config choice.
+    """
+
+    up: TileConfig
+    down: TileConfig
+    up_ms: float | None = None
+    down_ms: float | None = None
+    default_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        for field in ("up", "down"):
+            if not isinstance(getattr(self, field), TileConfig):
+                raise TypeError(f"BucketConfig.{field} must be a TileConfig, got {type(getattr(self, field)).__name__}")
+        # Both matmuls read one moe_align_block_size sort, made with the up config's BLOCK_SIZE_M.
+        if self.down.block_m != self.up.block_m:
+            raise ValueError(f"down block_m={self.down.block_m} must equal up block_m={self.up.block_m}")
+        for field in ("up_ms", "down_ms", "default_ms"):
+            value = getattr(self, field)
+            ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+            if not ok or (value is not None and not (math.isfinite(value) and value > 0)):
+                raise ValueError(f"BucketConfig.{field} must be None or a positive finite time in ms, got {value!r}")
+
+    def label(self) -> str:
+        return f"up={self.up.label()} down={self.down.label()}"
+
+
+@dataclasses.dataclass(frozen=True)
+class TunedKey:
+    """Where a table holds: the GPU name, the Triton version and the MoE shape (`shape_key`)."""
+
+    gpu: str
+    triton_version: str
+    shape: str
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"TunedKey.{field.name} must be a non-empty str, got {value!r}")
+
+    def mismatches(self, here: TunedKey) -> list[str]:
+        """'field: file has X, here Y' for each differing field."""
+        return [
+            f"{f.name}: file has {getattr(self, f.name)!r}, here {getattr(here, f.name)!r}"
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != getattr(here, f.name)
+        ]
+
+
+def shape_key(spec: MoESpec) -> str:
+    """What changes the kernels' best tiles, e.g. 'E=128,H=2880,I=360,k=4,bf16,swiglu,bias'."""
+    return (
+        f"E={spec.num_experts},H={spec.hidden_size},I={spec.intermediate_size},k={spec.top_k},"
+        f"{_DTYPES[spec.dtype]},{spec.activation.kind},{'bias' if spec.bias else 'nobias'}"
+    )
+
+
+def current_key(spec: MoESpec) -> TunedKey:
+    """This process's key for `spec` (the current CUDA device); RuntimeError without CUDA."""
+    import triton
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("tuned configs are per GPU and no CUDA GPU is visible (torch.cuda.is_available() is False)")
+    return TunedKey(gpu=torch.cuda.get_device_name(), triton_version=triton.__version__, shape=shape_key(spec))
+
+
+@dataclasses.dataclass(frozen=True)
+class TunedTable:
+    """Bucket (tokens) -> BucketConfig for one key. `created`: when tuned (ISO 8601)."""
+
+    key: TunedKey
+    buckets: Mapping[int, BucketConfig]
+    created: str
+    tool: str = "bench.tune"
+    notes: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.key, TunedKey):
+            raise TypeError(f"TunedTable.key must be a TunedKey, got {type(self.key).__name__}")
+        if not isinstance(self.buckets, Mapping) or not self.buckets:
+            raise ValueError("TunedTable.buckets must be a non-empty mapping of bucket -> BucketConfig")
+        for bucket, config in self.buckets.items():
+            if not _is_int(bucket) or bucket <= 0:
+                raise ValueError(f"bucket {bucket!r} must be a positive int (tokens)")
+            if not isinstance(config, BucketConfig):
+                raise TypeError(f"bucket {bucket}: expected a BucketConfig, got {type(config).__name__}")
+        for field in ("created", "tool", "notes"):
+            if not isinstance(getattr(self, field), str):
+                raise TypeError(f"TunedTable.{field} must be a str, got {getattr(self, field)!r}")
+        object.__setattr__(self, "buckets", dict(sorted(self.buckets.items())))  # a copy, ascending
+
+    def config_for(self, num_tokens: int) -> BucketConfig:
+        """The nearest bucket's config (by |bucket - num_tokens|, as SGLang's own lookup).
+
+        Ties go to the larger bucket (SGLang's min over its file order picks the smaller).
+        """
+        if not _is_int(num_tokens) or num_tokens < 0:
+            raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
+        nearest = min(self.buckets, key=lambda b: (abs(b - num_tokens), -b))
+        return self.buckets[nearest]
+
+    def to_json(self) -> dict:
+        """The file's content, checksum included."""
+        data = {
+            "format": FORMAT,
+            "schema": SCHEMA,
+            "key": dataclasses.asdict(self.key),
+            "created": self.created,
+            "tool": self.tool,
+            "notes": self.notes,
+            "buckets": {
+                str(bucket): {
+                    "up": c.up.to_sglang(),
+                    "down": c.down.to_sglang(),
+                    "up_ms": c.up_ms,
+                    "down_ms": c.down_ms,
+                    "default_ms": c.default_ms,
+                }
+                for bucket, c in self.buckets.items()
+            },
+        }
+        data["sha256"] = _sha256(data)
+        return data
+
+    @staticmethod
+    def from_json(data: object, source: str = "<memory>") -> TunedTable:
+        """Check format, schema and checksum, then build; TunedConfigError naming `source`."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise TunedConfigError(f"{source} is not a moe-dispatch tuned-config file (format={found!r})")
+        if data.get("schema") != SCHEMA:
+            raise TunedConfigError(
+                f"{source} has schema {data.get('schema')!r}, this moe-dispatch reads schema {SCHEMA}; re-tune"
+            )
+        try:
+            stored, actual = data.get("sha256"), _sha256(data)
+        except ValueError as error:
+            raise TunedConfigError(f"{source} is not plain JSON: {error}") from None
+        if stored != actual:
+            raise TunedConfigError(
+                f"{source} fails its checksum (stored sha256 {stored!r}, content hashes to {actual!r}): "
+                "it was edited or damaged after bench.tune wrote it; re-tune rather than edit"
+            )
+        try:
+            key = TunedKey(**data["key"])
+            buckets = {}
+            for name, entry in data["buckets"].items():
+                if not re.fullmatch(r"[1-9][0-9]*", name):
+                    raise ValueError(f"bucket {name!r} is not a positive int")
+                try:
+                    buckets[int(name)] = BucketConfig(
+                        up=TileConfig.from_sglang(entry["up"]),
+                        down=TileConfig.from_sglang(entry["down"]),
+                        **{f: entry.get(f) for f in ("up_ms", "down_ms", "default_ms")},
+                    )
+                except (KeyError, TypeError, ValueError, AttributeError) as error:
+                    raise ValueError(f"bucket {name}: {_why(error)}") from None
+            return TunedTable(key, buckets, data["created"], data["tool"], data["notes"])
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise TunedConfigError(f"{source} holds invalid configs: {_why(error)}") from None
+
+
+def _why(error: Exception) -> str:
+    return f"missing field {error}" if isinstance(error, KeyError) else str(error)
+
+
+def _sha256(data: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of everything but the checksum itself."""
+    content = {k: v for k, v in data.items() if k != "sha256"}
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)  # ValueError on NaN
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# ---- files -------------------------------------------------------------------------------------
+
+
+def _slug(text: str, sep: str) -> str:
+    return re.sub(r"[^0-9a-z]+", sep, text.lower()).strip(sep)
+
+
+def table_path(key: TunedKey, directory: str | os.PathLike) -> Path:
+    """<directory>/<gpu-slug>/triton_<version>/<shape>.json, e.g. nvidia-h200/triton_3_5_1/E128_..._bias.json."""
+    shape = re.sub(r"[^0-9A-Za-z._-]+", "-", key.shape.replace("=", "").replace(",", "_"))
+    return Path(directory) / _slug(key.gpu, "-") / f"triton_{_slug(key.triton_version, '_')}" / f"{shape}.json"
+
+
+def save_table(table: TunedTable, directory: str | os.PathLike) -> Path:
+    """Write `table` under `directory` atomically (temp file + rename); returns the path."""
+    path = table_path(table.key, directory)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(table.to_json(), f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_table(path: str | os.PathLike, expect: TunedKey | None = None) -> TunedTable:
+    """The table in `path`; TunedConfigError when unreadable, foreign, tampered, invalid or
+    (with `expect`) tuned for another GPU, Triton version or shape."""
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        raise TunedConfigError(f"cannot read tuned configs {path}: {error}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise TunedConfigError(f"tuned configs {path} are not valid JSON: {error}") from None
+    table = TunedTable.from_json(data, source=f"tuned configs {path}")
+    if expect is not None:
+        problems = table.key.mismatches(expect)
+        if problems:
+            raise TunedConfigError(
+                f"tuned configs {path} are stale ({'; '.join(problems)}); re-tune with python -m bench.tune"
+            )
+    return table
+
+
+def default_tuned_dir() -> Path:
+    """The tables shipped with the package."""
+    return Path(__file__).resolve().parent / "tuned_data"
+
+
+def tuned_directories() -> tuple[Path, ...]:
+    """Where `find_table` looks, in order: $MOE_DISPATCH_TUNED_DIR (when set), then the shipped dir."""
+    env = os.environ.get(TUNED_DIR_ENV)
+    return ((Path(env),) if env else ()) + (default_tuned_dir(),)
+
+
+def find_table(
+    spec: MoESpec, directories: Sequence[str | os.PathLike] | None = None, key: TunedKey | None = None
+) -> TunedTable | None:
+    """The first table for `key` (default: `current_key(spec)`) in `directories` (default:
+    `tuned_directories()`); None when there is none. A present but unusable file raises
+    TunedConfigError."""
+    key = key or current_key(spec)
+    for directory in tuned_directories() if directories is None else directories:
+        path = table_path(key, directory)
+        if path.exists():
+            return load_table(path, expect=key)
+    return None
+
+
+# ---- the scoped override in SGLang ----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def sglang_tile_configs(
+    bucket: BucketConfig, fused_moe_module: Any = None, override_config: Callable[[dict], Any] | None = None
+) -> Iterator[None]:
+    """Make SGLang's Triton fused_moe use `bucket.up` and `bucket.down` inside the block.
+
+    Enters SGLang's `override_config(up)` (one config for any caller of its lookup) and
+    replaces the lookup name that fused_moe calls with one that also returns `down` to
+    the down matmul. Both are restored on exit, on exceptions too. The replacement is
+    process-wide while the block runs: not for use from concurrent threads.
+    `fused_moe_module` / `override_config` default to SGLang's (injectable for tests).
+    """
+    if fused_moe_module is None:
+        fused_moe_module = importlib.import_module(fused_moe_module_name)
+    if not hasattr(fused_moe_module, _RESOLVER):
+        raise RuntimeError(f"{getattr(fused_moe_module, '__name__', fused_moe_module)!r} has no {_RESOLVER}")
+    if override_config is None:
+        override_config = importlib.import_module(_TRITON_UTILS_MODULE).override_config
+    original = getattr(fused_moe_module, _RESOLVER)
+    up, down = bucket.up, bucket.down
+
+    def resolver(
+        w1_shape: Any,
+        w2_shape: Any,
+        top_k: int,
+        dtype: Any,
+        M: int,
+        is_marlin: bool = False,
+        block_shape: Any = None,
+        per_channel_quant: bool = False,
+        return_down_config: bool = False,
+    ) -> Any:
+        if return_down_config:
+            return up.to_sglang(), (down.to_sglang(), up.block_m)
+        return up.to_sglang()
+
+    scope = override_config(up.to_sglang())
+    scope.__enter__()
+    setattr(fused_moe_module, _RESOLVER, resolver)
+    try:
+        yield
+    finally:
+        setattr(fused_moe_module, _RESOLVER, original)
+        # SGLang's override_config restores only on a normal exit (no try/finally), so it is
+        # always exited as one; an exception from the block still propagates from here.
+        scope.__exit__(None, None, None)
