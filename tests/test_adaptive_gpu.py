@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from moe_dispatch import ExpertWeights, random_inputs, reference_moe
-from moe_dispatch.adaptive import AdaptiveMoE
+from moe_dispatch.adaptive import AdaptiveMoE, graph_candidates
 from moe_dispatch.testing import assert_close
 from tests.cases import Case
 
@@ -24,9 +24,10 @@ def layer(request):
     return moe
 
 
-def test_both_seed_kernels_are_candidates(layer):
-    assert set(layer.kernels) == {"triton", "triton_kernels"}
-    assert layer.extra_weight_bytes == 0  # triton_kernels reads transposed views
+def test_default_candidates_are_every_capturable_kernel(layer):
+    assert set(layer.kernels) == set(graph_candidates(layer.spec))
+    assert {"triton", "triton_kernels"} <= set(layer.kernels)
+    assert layer.extra_weight_bytes == 0  # triton_kernels reads transposed views; the others the weights
 
 
 def test_winner_is_the_measured_fastest(layer):
