@@ -526,7 +526,9 @@ def test_report_tables_json_and_plot(tmp_path, fake_python):
     assert "| 512 | 5.12 (5.12-5.12) |" in text
     assert "| measure | 0.25 (0.25-0.25) | 0.50 (0.50-0.50) | 0.75 (0.75-0.75) | 1.00x |" in text
     assert "| measure | 40.0 (40.0-40.0) | 10.0 (10.0-10.0) | 50.0 (50.0-50.0) | 1.43x | 4.0 (4.0-4.0) |" in text
-    assert text.rstrip().endswith("| plan |")
+    assert "| 54.0 | 1.54x | measured |" in text  # warm start: 40 + 10 graphs + 4 plugin, / 35
+    assert "| plan | 26.0 (26.0-26.0) |" in text and "| 36.0 | 1.03x | plan |" in text
+    assert text.rstrip().endswith("the fastest repeat is the warm process.")
     path, md = report.save(session, "gpt-oss-120b-tp8", done, tmp_path / "results")
     assert path == tmp_path / "results" / "nvidia-h200" / "serving-gpt-oss-120b-tp8.json"
     assert path.with_suffix(".md").read_text() == md == text
@@ -536,7 +538,66 @@ def test_report_tables_json_and_plot(tmp_path, fake_python):
         {k: v.median for k, v in measure.decode_ms.items()}
     )
     assert loaded["plan"].scalars.keys() == summaries["plan"].scalars.keys()
+    assert loaded["measure"].warm_start_s == 54.0 and report.warm_vs_off(loaded, "measure") == pytest.approx(54 / 35)
     assert plot_file(path).stat().st_size > 10_000
+
+
+def _startup_run(mode: str, repeat: int, decode_s: float, prefill_s: float, plugin_s: float | None) -> RunRecord:
+    plugin = None if plugin_s is None else logparse.PluginStartup(plugin_s, 36, "measured" if plugin_s else "plan")
+    metrics = logparse.LogMetrics(
+        prefill_capture=logparse.Phase(prefill_s, 0.5),
+        decode_capture=logparse.Phase(decode_s, 0.25),
+        plugin=plugin,
+    )
+    return RunRecord("gpt-oss-120b-tp8", mode, repeat, "ok", wall_s=60.0, decode_ms={1: 5.0}, metrics=metrics)
+
+
+def test_report_warm_start_against_stock():
+    """One cold (first process: compiles Triton kernels) and one warm run per mode; warm = the fastest."""
+    runs = [
+        _startup_run("measure", 0, 1.0, 1.0, 1.0),  # a priming run: not counted, so not the minimum
+        _startup_run("off", 1, 40.0, 19.5, None),  # cold: 59.5 s of graphs
+        _startup_run("measure", 1, 7.5, 2.0, 74.5),  # cold: 9.5 + 74.5 = 84.0
+        _startup_run("plan", 1, 9.0, 3.0, 0.0),  # cold: 12.0
+        _startup_run("off", 2, 8.0, 2.0, None),  # warm: 10.0
+        _startup_run("measure", 2, 7.0, 2.0, 5.5),  # warm: 9.0 + 5.5 = 14.5
+        _startup_run("plan", 2, 8.0, 2.5, 0.0),  # warm: 10.5
+    ]
+    session = _session()
+    summaries = report.summarize(runs, "gpt-oss-120b-tp8", session.modes)
+    assert {m: s.warm_start_s for m, s in summaries.items()} == {"off": 10.0, "measure": 14.5, "plan": 10.5}
+    assert {m: report.warm_vs_off(summaries, m) for m in summaries} == {"off": 1.0, "measure": 1.45, "plan": 1.05}
+    assert summaries["off"].scalars["graph_s"] == report.Stat(34.75, 10.0, 59.5, 2)  # the median mixes cold in
+    text = report.markdown(session, "gpt-oss-120b-tp8", summaries)
+    assert (
+        "| mode | decode graphs | prefill graphs | graphs total | vs off | plugin timing | weight load | whole run "
+        "| warm start s | warm vs off | plugin source |" in text
+    )
+    assert (
+        "| off | 24.0 (8.0-40.0) | 10.8 (2.0-19.5) | 34.8 (10.0-59.5) | 1.00x | - | - | 60 (60-60) | 10.0 | 1.00x | - |"
+        in text
+    )
+    assert "| 40.0 (5.5-74.5) | - | 60 (60-60) | 14.5 | 1.45x | measured |" in text
+    assert "| plan | 8.5 (8.0-9.0) | 2.8 (2.5-3.0) | 11.2 (10.5-12.0) | 0.32x | 0.0 (0.0-0.0) |" in text
+    assert "| 10.5 | 1.05x | plan |" in text
+    assert "first process of a session compiles every Triton kernel" in text.split("| plan |")[-1]
+    data = report.to_json(session, "gpt-oss-120b-tp8", summaries, runs)
+    summary = data["summary"]
+    assert [(summary[m]["warm_start_s"], summary[m]["warm_vs_off"]) for m in ("off", "measure", "plan")] == [
+        (10.0, 1.0),
+        (14.5, 1.45),
+        (10.5, 1.05),
+    ]
+    assert summary["off"]["graph_s"] == {"median": 34.75, "min": 10.0, "max": 59.5, "n": 2}  # kept as it was
+    keys = list(summary["measure"])
+    assert keys[keys.index("wall_s") + 1 : keys.index("plugin_source")] == ["warm_start_s", "warm_vs_off"]
+    # Without stock runs there is nothing to compare against; a mode without graph times has no warm start.
+    alone = report.summarize(runs[2:3], "gpt-oss-120b-tp8", ("off", "measure"))
+    assert alone["measure"].warm_start_s == 84.0 and report.warm_vs_off(alone, "measure") is None
+    assert alone["off"].warm_start_s is None
+    assert "| measure | 7.5 | 2.0 | 9.5 | - | 74.5 | - | 60 | 84.0 | - | measured |" in report.markdown(
+        session, "gpt-oss-120b-tp8", alone
+    )
 
 
 def test_report_lists_runs_not_counted():

@@ -2,7 +2,9 @@
 
 Per model and mode every metric is the median over the counted runs (finished, not priming), with
 the spread as min-max. Decode speed-up = stock step / mode step (above 1: faster than stock);
-memory and start-up are given as mode / stock (above 1: more than stock). Files (`save`):
+memory and start-up are given as mode / stock (above 1: more than stock). The first process of a
+session compiles every Triton kernel (cold), so start-up also has a warm comparison: per mode the
+fastest repeat's plugin timing + graph capture, over stock's fastest graph capture. Files (`save`):
 <results>/<gpu slug>/serving-<model>.json and .md; the JSON carries {"format": FORMAT, "version":
 FORMAT_VERSION, ...}, the summary and every run record. This module is the only place that writes it.
 """
@@ -77,6 +79,15 @@ class ModeSummary:
     scalars: dict[str, Stat]
     plugin_source: str | None
     other: tuple[str, ...]
+    warm_start_s: float | None = None  # min over counted runs of plugin timing + graphs total
+
+
+def _start_s(r: RunRecord) -> float | None:
+    """One run's start-up work: graph capture (decode + prefill) plus the plugin's own timing, if any."""
+    graphs = _SCALARS["graph_s"](r)
+    if graphs is None:
+        return None
+    return graphs + (_SCALARS["plugin_measure_s"](r) or 0.0)
 
 
 def summarize(runs: list[RunRecord], model: str, modes: tuple[str, ...]) -> dict[str, ModeSummary]:
@@ -90,6 +101,7 @@ def summarize(runs: list[RunRecord], model: str, modes: tuple[str, ...]) -> dict
         sizes = sorted({bs for r in counted for bs in r.decode_ms})
         lens = sorted({n for r in counted for n in r.prefill_ms})
         sources = [r.metrics.plugin.source for r in counted if r.metrics.plugin is not None]
+        starts = [s for r in counted if (s := _start_s(r)) is not None]
         out[mode] = ModeSummary(
             mode=mode,
             runs=len(counted),
@@ -100,8 +112,19 @@ def summarize(runs: list[RunRecord], model: str, modes: tuple[str, ...]) -> dict
             scalars={k: s for k, read in _SCALARS.items() if (s := stat([read(r) for r in counted])) is not None},
             plugin_source="+".join(dict.fromkeys(sources)) or None,
             other=other,
+            warm_start_s=min(starts) if starts else None,
         )
     return out
+
+
+def warm_vs_off(summaries: dict[str, ModeSummary], mode: str) -> float | None:
+    """The mode's warm start (min of plugin timing + graphs total) / stock's minimum graphs total."""
+    base = summaries.get(BASELINE)
+    den = base.scalars.get("graph_s") if base is not None else None
+    num = summaries[mode].warm_start_s
+    if num is None or den is None or den.lo == 0:
+        return None
+    return num / den.lo
 
 
 def _ratio(num: Stat | None, den: Stat | None) -> str:
@@ -134,26 +157,42 @@ def _by_size(summaries: dict[str, ModeSummary], field: str, first: str) -> list[
 
 
 def _per_mode(
-    summaries: dict[str, ModeSummary], columns: list[tuple[str, str, int]], ratio_of: str, source: bool = False
+    summaries: dict[str, ModeSummary],
+    columns: list[tuple[str, str, int]],
+    ratio_of: str,
+    source: bool = False,
+    extra: tuple[tuple[str, Callable[[str], str]], ...] = (),
 ) -> list[str]:
     """A row per mode: the scalar `columns` (title, key, digits), "vs off" (mode / stock of `ratio_of`)
-    right after the `ratio_of` column, then the plugin's source when `source`."""
+    right after the `ratio_of` column, then the `extra` columns (title, cell of a mode), then the
+    plugin's source when `source`."""
     base = summaries.get(BASELINE)
     header, rows = ["mode"], []
     for title, key, _ in columns:
         header += [title] + (["vs off"] if key == ratio_of else [])
+    header += [title for title, _ in extra]
     for mode, s in summaries.items():
         cells = [mode]
         for _, key, digits in columns:
             cells.append(s.scalars[key].cell(digits) if key in s.scalars else "-")
             if key == ratio_of:
                 cells.append(_ratio(s.scalars.get(key), base.scalars.get(key) if base else None))
+        cells += [cell(mode) for _, cell in extra]
         rows.append(cells + ([s.plugin_source or "-"] if source else []))
     return _table(header + (["plugin source"] if source else []), rows, left=1)
 
 
+def _number(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _times(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
 def markdown(session: Session, model: str, summaries: dict[str, ModeSummary]) -> str:
-    """The model's report: context lines, then decode, prefill, graph memory and start-up tables."""
+    """The model's report: context lines, then decode, prefill, graph memory and start-up tables (the
+    last with the warm comparison: see `warm_vs_off`)."""
     info = session.model(model)
     st = session.settings
     versions = ", ".join(f"{k} {v}" for k, v in session.versions.items()) or "-"
@@ -188,12 +227,26 @@ def markdown(session: Session, model: str, summaries: dict[str, ModeSummary]) ->
         ("weight load", "weight_load_s", 1),
         ("whole run", "wall_s", 0),
     ]
-    lines += _per_mode(summaries, startup, "graph_s", source=True)
+    warm = (
+        ("warm start s", lambda m: _number(summaries[m].warm_start_s, ".1f")),
+        ("warm vs off", lambda m: _times(warm_vs_off(summaries, m))),
+    )
+    lines += _per_mode(summaries, startup, "graph_s", source=True, extra=warm)
+    lines += [
+        "",
+        "Warm start = plugin timing + graphs total of a mode's fastest repeat, and warm vs off = that / stock's "
+        "fastest graphs total: the first process of a session compiles every Triton kernel it uses (cold), so the "
+        "medians above mix cold and warm starts, while the fastest repeat is the warm process.",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def _stat_json(s: Stat) -> dict:
     return {"median": round(s.median, 4), "min": round(s.lo, 4), "max": round(s.hi, 4), "n": s.n}
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
 
 
 def to_json(session: Session, model: str, summaries: dict[str, ModeSummary], runs: list[RunRecord]) -> dict:
@@ -215,6 +268,8 @@ def to_json(session: Session, model: str, summaries: dict[str, ModeSummary], run
                 "decode_ms": {str(k): _stat_json(v) for k, v in s.decode_ms.items()},
                 "prefill_ms": {str(k): _stat_json(v) for k, v in s.prefill_ms.items()},
                 **{k: _stat_json(v) for k, v in s.scalars.items()},
+                "warm_start_s": _round(s.warm_start_s),
+                "warm_vs_off": _round(warm_vs_off(summaries, m)),
                 "plugin_source": s.plugin_source,
                 "not_counted": list(s.other),
             }
@@ -249,6 +304,13 @@ def load_summary(path: Path) -> tuple[dict, dict[str, ModeSummary]]:
     for mode, s in data["summary"].items():
         scalars = {k: Stat(v["median"], v["min"], v["max"], v["n"]) for k, v in s.items() if k in _SCALARS}
         summaries[mode] = ModeSummary(
-            mode, s["runs"], stats(s["decode_ms"]), stats(s["prefill_ms"]), scalars, s["plugin_source"], ()
+            mode,
+            s["runs"],
+            stats(s["decode_ms"]),
+            stats(s["prefill_ms"]),
+            scalars,
+            s["plugin_source"],
+            (),
+            s.get("warm_start_s"),  # absent in files written before it was added
         )
     return data, summaries
