@@ -14,18 +14,10 @@ import sys
 import time
 from pathlib import Path
 
+from bench.cli import positive_ints
+
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.replace(",", " ").split())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -37,16 +29,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--preset", default="gpt-oss-120b", choices=PRESETS, help="model whose MoE layer is measured")
     p.add_argument(
         "--dims",
-        type=_ints,
+        type=positive_ints,
         metavar="E,K,H,I",
         help="explicit experts, top_k, hidden, intermediate (unsharded); overrides the preset's dims",
     )
-    p.add_argument("--tp", type=_ints, default=(2, 8), help="tensor-parallel sizes (shards of I), e.g. 2,8")
-    p.add_argument("--batch-sizes", type=_ints, default=DEFAULT_SIZES, help="token counts to measure")
+    p.add_argument("--tp", type=positive_ints, default=(2, 8), help="tensor-parallel sizes (shards of I), e.g. 2,8")
+    p.add_argument("--batch-sizes", type=positive_ints, default=DEFAULT_SIZES, help="token counts to measure")
     p.add_argument("--kernels", default=None, help="comma-separated kernels (default: all available)")
     p.add_argument("--threshold", type=int, default=1536, help="the static rule's threshold (tokens)")
     p.add_argument("--replays", type=int, default=100, help="timed replays per point (median reported)")
-    p.add_argument("--skewed-sizes", type=_ints, default=(64, 1024), help="sizes also timed with skewed routing")
+    p.add_argument("--skewed-sizes", type=positive_ints, default=(64, 1024), help="sizes also timed, skewed routing")
     p.add_argument("--eager", action="store_true", help="also time eager calls (includes host launch overhead)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="results directory")

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from bench.cli import positive_ints
+
 TARGET = 1.05
 VARIANTS = ("copy", "view", "view+fix", "view+persistent")
 FLAG_FIELDS = ("is_persistent", "block_m", "block_n", "block_k", "split_k", "num_warps", "num_stages")
@@ -186,16 +188,12 @@ def markdown(cases: list[Case], header: str) -> str:
     return "\n".join(lines)
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.replace(",", " ").split())
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.tk_views_probe", description=__doc__)
     p.add_argument("--out", required=True, help="directory for tk_views_probe.md / .json")
     p.add_argument("--preset", default="gpt-oss-120b")
-    p.add_argument("--tp", type=_ints, default=(8, 2))
-    p.add_argument("--tokens", type=_ints, default=(1, 2, 4, 8, 16, 64))
+    p.add_argument("--tp", type=positive_ints, default=(8, 2))
+    p.add_argument("--tokens", type=positive_ints, default=(1, 2, 4, 8, 16, 64))
     p.add_argument("--replays", type=int, default=200, help="timed replays per round (>= 100)")
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args(argv)

@@ -69,3 +69,22 @@ def skip_unless_available(kernel: str) -> None:
     answer = get_backend(kernel).availability()
     if not answer:
         pytest.skip(f"{kernel} unavailable here: {answer.reason}")
+
+
+def check_replays(captured, static_inputs, spec, weights, inputs_for, seeds, label, eager=None) -> None:
+    """For each seed: write `inputs_for(seed)` (x, logits) into `static_inputs`, replay `captured`,
+    and compare its output with the torch reference (and, given `eager`, bitwise with an eager call)."""
+    from moe_dispatch import reference_moe
+    from moe_dispatch.testing import assert_close
+
+    static_x, static_logits = static_inputs
+    for seed in seeds:
+        new_x, new_logits = inputs_for(seed)
+        static_x.copy_(new_x)
+        static_logits.copy_(new_logits)
+        captured.graph.replay()
+        torch.cuda.synchronize()
+        ref = reference_moe(spec, weights, new_x, new_logits)
+        assert_close(captured.output, ref, spec.dtype, f"{label} seed={seed}")
+        if eager is not None:
+            assert torch.equal(captured.output, eager(new_x, new_logits)), f"{label} seed={seed}: replay != eager"

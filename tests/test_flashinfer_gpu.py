@@ -16,7 +16,7 @@ from graphs import capture
 from moe_dispatch import ExpertWeights, preset, random_inputs, reference_moe
 from moe_dispatch.backends.flashinfer_moe import FlashInferCutlassBackend, kernel_weights
 from moe_dispatch.testing import assert_close
-from tests.cases import CASES, Case, record_error, skip_unless_available
+from tests.cases import CASES, Case, check_replays, record_error, skip_unless_available
 
 KERNEL = "flashinfer_cutlass"
 
@@ -67,14 +67,8 @@ def test_graph_capture_and_replay_on_new_inputs(case: Case):
     kernel = untuned().prepare(spec, weights)
     x, logits = random_inputs(spec, case.num_tokens, device="cuda", seed=12)
     captured = capture(kernel, [x, logits], torch.cuda.graph_pool_handle(), torch.cuda.Stream())
-    for seed in (13, 14):  # new rows in the static inputs: the replay must follow them
-        new_x, new_logits = random_inputs(spec, case.num_tokens, device="cuda", seed=seed)
-        x.copy_(new_x)
-        logits.copy_(new_logits)
-        captured.graph.replay()
-        torch.cuda.synchronize()
-        ref = reference_moe(spec, weights, new_x, new_logits)
-        assert_close(captured.output, ref, spec.dtype, f"{KERNEL} replay {case.id} seed={seed}")
+    inputs_for = lambda seed: random_inputs(spec, case.num_tokens, device="cuda", seed=seed)  # noqa: E731
+    check_replays(captured, (x, logits), spec, weights, inputs_for, (13, 14), f"{KERNEL} replay {case.id}")
 
 
 def test_autotuned_kernel_matches_and_captures():

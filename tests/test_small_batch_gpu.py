@@ -16,7 +16,7 @@ from graphs import capture
 from moe_dispatch import ExpertWeights, get_backend, make_kernel, preset, random_inputs, reference_moe
 from moe_dispatch.spec import MoESpec
 from moe_dispatch.testing import assert_close
-from tests.cases import CASES, Case, record_error, skip_unless_available
+from tests.cases import CASES, Case, check_replays, record_error, skip_unless_available
 
 KERNEL = "small_batch"
 GPU_CASES = tuple(case for case in CASES if case.num_tokens <= 129)
@@ -99,15 +99,8 @@ def test_graph_replay_on_new_inputs(case: Case):
     x, logits = untied_inputs(spec, case.num_tokens, seed=10)
     static_x, static_logits = x.clone(), logits.clone()
     captured = capture(kernel, [static_x, static_logits], torch.cuda.graph_pool_handle(), torch.cuda.Stream())
-    for seed in (11, 12):
-        new_x, new_logits = untied_inputs(spec, case.num_tokens, seed=seed)
-        static_x.copy_(new_x)
-        static_logits.copy_(new_logits)
-        captured.graph.replay()
-        torch.cuda.synchronize()
-        expected = reference_moe(spec, weights, new_x, new_logits)
-        assert_close(captured.output, expected, spec.dtype, f"replay {case.id} seed={seed}")
-        assert torch.equal(captured.output, kernel(new_x, new_logits)), "replay differs from an eager call"
+    inputs_for = lambda seed: untied_inputs(spec, case.num_tokens, seed=seed)  # noqa: E731
+    check_replays(captured, (static_x, static_logits), spec, weights, inputs_for, (11, 12), f"replay {case.id}", kernel)
 
 
 def test_rejects_cpu_input():

@@ -1,4 +1,5 @@
-"""CPU tests of bench.tune: config spaces, the descent with a fake timer, resume, budget, CLI, report."""
+"""CPU tests of bench.tune: config spaces, the descent and confirm with a fake timer, resume, budget,
+CLI, report, tables rebuilt from a report."""
 
 from __future__ import annotations
 
@@ -9,14 +10,14 @@ import json
 import pytest
 
 from bench.tune import report
-from bench.tune.__main__ import DEFAULT_BUCKETS, main, parse_args, store
+from bench.tune.__main__ import DEFAULT_BUCKETS, main, parse_args
+from bench.tune.plan import plan_bucket
 from bench.tune.search import (
     Budget,
     Outcome,
     Settings,
     StopTuning,
     pair_label,
-    plan_bucket,
     tune_buckets,
 )
 from bench.tune.space import (
@@ -33,8 +34,19 @@ from bench.tune.space import (
     unfit,
 )
 from bench.tune.state import Entry, State
+from bench.tune.tables import parse_label, store, tables_from_report
 from moe_dispatch.spec import preset
-from moe_dispatch.tuned_configs import BucketConfig, TileConfig, TunedKey, TunedTable, load_table, save_table
+from moe_dispatch.tuned_configs import (
+    BucketConfig,
+    TileConfig,
+    TunedKey,
+    TunedTable,
+    find_table,
+    load_table,
+    save_table,
+    shape_key,
+    table_path,
+)
 
 TP8 = preset("gpt-oss-120b", tp=8)  # E=128, k=4, H=2880, I=360
 TP2 = preset("gpt-oss-120b", tp=2)
@@ -114,7 +126,7 @@ def test_space_sizes_small_and_full():
 def test_small_space_times_at_most_24_configs_per_phase(spec):
     for bucket in DEFAULT_BUCKETS:
         plan = plan_bucket(Point.of(spec, bucket), SMALL)
-        assert plan[0] == ("default", "baseline", 1)
+        assert plan[0] == ("default", "baseline", 1) and plan[-1] == ("confirm", "rounds", 6)
         for phase in ("up", "down"):
             assert 0 < sum(n for ph, _, n in plan if ph == phase) <= 24, (spec.name, bucket, plan)
 
@@ -131,11 +143,13 @@ def test_down_candidates_keep_block_m():
 
 
 class FakeTimer:
-    """ms = cost(up) + cost(down); advances a fake clock by `seconds` per config; records every call."""
+    """ms = cost(up) + cost(down); advances a fake clock by `seconds` per config; records every call:
+    the search's in `calls`, the confirm's (those with `replays`) in `confirms` as (replays, pairs)."""
 
     def __init__(self, up_best: TileConfig, down_best: TileConfig, fail=(), seconds: float = 1.0):
         self.up_best, self.down_best, self.fail, self.seconds = up_best, down_best, set(fail), seconds
         self.calls: list[dict] = []
+        self.confirms: list[tuple[int | None, dict]] = []
         self.now = 0.0
 
     @staticmethod
@@ -143,8 +157,12 @@ class FakeTimer:
         fields = dataclasses.fields(TileConfig)
         return 0.01 + 0.002 * sum(getattr(t, f.name) != getattr(best, f.name) for f in fields)
 
-    def __call__(self, bucket, pairs):
-        self.calls.append(dict(pairs))
+    def __call__(self, bucket, pairs, **kwargs):
+        if kwargs:
+            assert set(kwargs) == {"replays"}, kwargs
+            self.confirms.append((kwargs["replays"], dict(pairs)))
+        else:
+            self.calls.append(dict(pairs))
         self.now += self.seconds * len(pairs)
         out = {}
         for label, (up, down) in pairs.items():
@@ -207,7 +225,7 @@ def test_failed_configs_are_recorded_and_never_retried(tmp_path):
     assert failed and all("OutOfResources" in x["error"] for x in failed) and failed[0]["up"] == bad.label()
     again = FakeTimer(timer.up_best, timer.down_best)  # would now succeed: it must not be asked
     (o2,) = run([Point.of(TP8, 8)], again, state=State(tmp_path / "state.jsonl"))
-    assert again.calls == [] and o2.config == o.config and o2.reused == o.timed
+    assert again.calls == [] and again.confirms == [] and o2.config == o.config and o2.reused == o.timed
 
 
 def test_resume_times_only_missing_points(tmp_path):
@@ -227,7 +245,7 @@ def test_resume_times_only_missing_points(tmp_path):
 
 def test_budget_stops_early_and_returns_the_buckets_done():
     default = default_tile(1, 128)
-    per_bucket = sum(n for *_, n in plan_bucket(Point.of(TP8, 1), SMALL))
+    per_bucket = sum(n for phase, _, n in plan_bucket(Point.of(TP8, 1), SMALL) if phase != "confirm")
     timer = FakeTimer(default, default)  # ties everywhere: the run follows plan_bucket exactly
     budget = Budget(per_bucket + 0.5, clock=lambda: timer.now, first_estimate_s=1.0)
     outcomes = run([Point.of(TP8, b) for b in (1, 2, 4)], timer, budget=budget)
@@ -275,6 +293,90 @@ def test_settings_and_budget_reject_bad_values():
         Budget(0)
 
 
+# ---- the confirm phase ----
+
+
+class ConfirmTimer(FakeTimer):
+    """FakeTimer whose confirm calls return planted (default ms, tuned ms), one per round."""
+
+    def __init__(self, up_best, down_best, rounds, stop_at: int | None = None):
+        super().__init__(up_best, down_best)
+        self.rounds, self.stop_at = list(rounds), stop_at
+
+    def __call__(self, bucket, pairs, **kwargs):
+        if not kwargs:
+            return super().__call__(bucket, pairs)
+        if self.stop_at is not None and len(self.confirms) == self.stop_at:
+            raise StopTuning("the CUDA context broke", {})
+        super().__call__(bucket, pairs, **kwargs)
+        default_ms, tuned_ms = self.rounds[len(self.confirms) - 1]
+        d = default_tile(bucket, 128)
+        return {label: default_ms if pair == (d, d) else tuned_ms for label, pair in pairs.items()}
+
+
+UP, DOWN = tile("16,128,128,1,8,4"), tile("16,256,64,1,4,2")  # the search's planted optimum at bucket 8
+
+
+def test_confirm_keeps_the_default_when_the_search_read_it_high():
+    # the search says 0.02 vs 0.034 ms; side by side the tuned pair is no faster (the bucket-1 case on the H200)
+    timer = ConfirmTimer(UP, DOWN, [(0.0290, 0.0297), (0.0291, 0.0295), (0.0290, 0.0289)])
+    checks = []
+    (o,) = run([Point.of(TP8, 8)], timer, check=lambda *a: checks.append(a))
+    assert o.best == (UP, DOWN) and o.best_ms < o.default_ms * 0.9  # the search alone would store it
+    assert o.status == "default kept" and "confirm: tuned/default 1.014" in o.note
+    d = default_tile(8, 128)
+    assert o.config == BucketConfig(d, d, 0.0290, 0.0290, 0.0290)  # the confirm's median default time
+    assert o.confirmed == pytest.approx(0.0295 / 0.0291) and o.confirm_rounds == 3
+    assert checks == []  # nothing to check: the default is stored
+
+
+def test_confirm_stores_the_tuned_pair_on_the_median_ratio():
+    settings = Settings(SPACES["small"], confirm_replays=200)
+    timer = ConfirmTimer(UP, DOWN, [(0.030, 0.024), (0.030, 0.033), (0.031, 0.026)])  # ratios 0.8, 1.1, 0.84
+    (o,) = run([Point.of(TP8, 8)], timer, settings=settings)
+    assert o.status == "tuned" and (o.config.up, o.config.down) == (UP, DOWN)
+    assert o.confirmed == pytest.approx(0.026 / 0.031) and o.confirm_rounds == 3
+    assert (o.config.default_ms, o.config.down_ms) == (0.030, 0.026)  # medians of the confirm timings
+    assert o.config.up_ms == pytest.approx(0.02 + 0.002 * 2)  # the search's: tuned up, default down (n, s off)
+    d, best = pair_label(default_tile(8, 128), default_tile(8, 128)), pair_label(UP, DOWN)
+    assert [list(pairs) for _, pairs in timer.confirms] == [[d, best], [best, d], [d, best]]  # one call a round
+    assert {replays for replays, _ in timer.confirms} == {200}
+    assert report.confirmed_speedup(o) == pytest.approx(0.031 / 0.026)
+    # without a confirm the search's own timings decide and are stored
+    (o,) = run([Point.of(TP8, 8)], timer := FakeTimer(UP, DOWN), settings=Settings(SPACES["small"], confirm_rounds=0))
+    assert o.status == "tuned" and timer.confirms == [] and o.config.down_ms == o.best_ms and o.confirmed is None
+
+
+def test_confirm_rounds_are_resumed_not_repeated(tmp_path):
+    path = tmp_path / "state.jsonl"
+    rounds = [(0.030, 0.024), (0.030, 0.025), (0.030, 0.026)]
+    first = ConfirmTimer(UP, DOWN, rounds, stop_at=1)  # the context breaks in round 2
+    (o,) = run([Point.of(TP8, 8)], first, state=State(path))
+    assert o.status == "stopped" and len(first.confirms) == 1
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    confirm = [x for x in lines if x["phase"] == "confirm"]
+    assert [(x["round"], x["ms"]) for x in confirm] == [(0, 0.030), (0, 0.024)]
+    assert confirm[0]["vs"] == pair_label(UP, DOWN) and all("round" not in x for x in lines if x not in confirm)
+    second = ConfirmTimer(UP, DOWN, rounds[1:])
+    (o,) = run([Point.of(TP8, 8)], second, state=State(path))
+    assert second.calls == [] and len(second.confirms) == 2  # rounds 2 and 3 only
+    assert o.status == "tuned" and o.config.down_ms == 0.025 and o.confirm_rounds == 3
+    third = ConfirmTimer(UP, DOWN, [])
+    (again,) = run([Point.of(TP8, 8)], third, state=State(path))
+    assert third.calls == third.confirms == [] and again.config == o.config
+
+
+def test_a_tuned_pair_that_fails_in_the_confirm_is_not_stored():
+    class Failing(ConfirmTimer):
+        def __call__(self, bucket, pairs, **kwargs):
+            out = super().__call__(bucket, pairs, **kwargs)
+            return {k: "capture failed" if kwargs and k == pair_label(UP, DOWN) else v for k, v in out.items()}
+
+    (o,) = run([Point.of(TP8, 8)], Failing(UP, DOWN, [(0.03, 0.02)] * 3))
+    assert o.status == "default kept" and "failed in the confirm: capture failed" in o.note
+    assert o.config.up == default_tile(8, 128)
+
+
 # ---- state file ----
 
 
@@ -295,6 +397,10 @@ def test_state_round_trip_torn_line_and_bad_line(tmp_path):
         Entry(KEY, 8, "up", "a", "b", None, None)
     with pytest.raises(ValueError, match="phase"):
         Entry(KEY, 8, "sideways", "a", "b", 1.0)
+    with pytest.raises(ValueError, match="confirm line needs an int"):
+        Entry(KEY, 8, "confirm", "a", "b", 1.0, vs="up=a down=b")
+    with pytest.raises(ValueError, match="confirm lines only"):
+        Entry(KEY, 8, "up", "a", "b", 1.0, round=0)
 
 
 # ---- CLI ----
@@ -306,8 +412,11 @@ def test_dry_run_prints_the_plan(tmp_path, capsys):
     assert "[tune gpt-oss-120b tp=8]" in out and "E=128,H=2880,I=360" in out
     assert "bucket     1: default m16n32k64g1w4s3, block_m {16}" in out
     assert "bucket   512: default m64n64k32g8w4s3, block_m {16,32}" in out and "up block_m 4" in out
-    assert "configs over 2 buckets" in out and "min of GPU" in out
+    assert "= 27 configs | confirm 3 rounds x 2 pairs x 200 replays = 6 timings" in out  # bucket 1
+    assert "configs + 12 confirm timings over 2 buckets" in out and "min of GPU" in out
     assert not (tmp_path / "s.jsonl").exists()
+    main(["--dry-run", "--tp", "8", "--buckets", "1", "--confirm-rounds", "0", "--state", str(tmp_path / "s.jsonl")])
+    assert "= 27 configs | no confirm" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -318,6 +427,8 @@ def test_dry_run_prints_the_plan(tmp_path, capsys):
         (["--buckets", "a"], "comma-separated integers"),
         (["--time-budget", "0"], "expected > 0"),
         (["--replays", "0"], "expected >= 1"),
+        (["--confirm-rounds", "-1"], "expected >= 0"),
+        (["--confirm-replays", "0"], "expected >= 1"),
         (["--min-gain", "1.5"], "must be in"),
         (["--space", "huge"], "invalid choice"),
         (["--preset", "nope"], "invalid choice"),
@@ -370,8 +481,8 @@ def test_report_markdown_and_json(tmp_path):
         {"space": "small"},
     )
     text = report.markdown(shape)
-    assert "| 8 | 0.1000 | 0.0800 | 1.25x | `m16n64k128g1w4s3` | `m16n128k64g1w4s3` | tuned |" in text
-    assert "| 16 | 0.1000 | - | - | - | - | out of time |" in text
+    assert "| 8 | 0.1000 | 0.0800 | 1.25x | - | `m16n64k128g1w4s3` | `m16n128k64g1w4s3` | tuned |" in text
+    assert "| 16 | 0.1000 | - | - | - | - | - | out of time |" in text
     written = report.write([shape], tmp_path / "tune", tmp_path / "r.md")
     assert {p.name for p in written} == {"report.md", "report.json", "r.md", "r.json"}
     data = json.loads((tmp_path / "r.json").read_text())
@@ -453,3 +564,98 @@ def test_gpu_time_configs_stops_on_a_broken_context(fake_gpu, monkeypatch):
     with pytest.raises(StopTuning, match="illegal memory access") as stop:
         tuner.time_configs(8, {"bad": (bad_compile, bad_compile), "next": (bad_compile, bad_compile)})
     assert list(stop.value.results) == ["bad"]  # the culprit, recorded so a resumed run skips it
+
+
+def test_gpu_time_configs_takes_a_replays_override(fake_gpu):
+    from bench.tune import gpu
+    from graphs.measure import TimingPlan
+
+    tuner, seen, *_ = fake_gpu
+    good = tile("16,64,64,1,4,3")
+    tuner.time_configs(8, {"a": (good, good)})
+    assert seen["timing"] == gpu.TUNE_TIMING
+    tuner.time_configs(8, {"a": (good, good)}, replays=200)
+    assert seen["timing"] == TimingPlan(gpu.TUNE_TIMING.warmup, 200)
+
+
+# ---- tables rebuilt from a report ----
+
+
+def test_parse_label_round_trips_and_rejects_others():
+    for t in (tile("16,32,256,1,8,4"), tile("128,256,32,16,32,5")):
+        assert parse_label(t.label()) == t
+    for bad in ("m16n32k64g1w4", "up=m16n32k64g1w4s3", "m15n32k64g1w4s3", None):
+        with pytest.raises(ValueError):
+            parse_label(bad)
+
+
+def _shape_report(tmp_path, timer_rounds):
+    key = TunedKey("NVIDIA H200", "3.6.0", shape_key(TP8))
+    outcomes = run([Point.of(TP8, b) for b in (1, 8, 32)], ConfirmTimer(UP, DOWN, timer_rounds))
+    args = argparse.Namespace(out=tmp_path / "run", space="small", replays=50, warmup=5, min_gain=0.01, seed=0)
+    created = "2026-11-29T15:00:00+00:00"
+    path = store(key, outcomes, args, say=lambda s: None, created=created)
+    shape = report.ShapeReport(
+        "gpt-oss-120b tp=8", dataclasses.asdict(key), tuple(outcomes), str(path), {"space": "small"}
+    )
+    return load_table(path, expect=key), dataclasses.replace(shape, created=created)
+
+
+def test_table_from_report_round_trip(tmp_path, capsys):
+    # bucket 1: tuned, 8: the confirm keeps the default, 32: tuned (3 confirm rounds each)
+    rounds = [(0.03, 0.02)] * 3 + [(0.03, 0.0301)] * 3 + [(0.03, 0.02)] * 3
+    table, shape = _shape_report(tmp_path, rounds)
+    assert [o.status for o in shape.outcomes] == ["tuned", "default kept", "tuned"]
+    (rebuilt,) = tables_from_report(report.to_json([shape]), "r.json", note="side by side: 29.0/29.7")
+    assert rebuilt.key == table.key and dict(rebuilt.buckets) == dict(table.buckets)
+    assert rebuilt.created == table.created and "rebuilt from the report r.json" in rebuilt.notes
+    assert rebuilt.notes.endswith("; side by side: 29.0/29.7") and "(up_ms not in it)" not in rebuilt.notes
+    report.write([shape], tmp_path / "tune")
+    out = tmp_path / "shipped"
+    argv = ["--table-from-report", str(tmp_path / "tune" / "report.json"), "--out", str(out), "--note", "n"]
+    assert main(argv) == 0
+    path = table_path(table.key, out)
+    assert f"wrote {path}" in capsys.readouterr().out
+    assert dict(load_table(path, expect=table.key).buckets) == dict(table.buckets)
+    assert find_table(TP8, [out], key=table.key) is not None
+
+
+def test_table_from_a_report_written_before_the_confirm(tmp_path, capsys):
+    data = {
+        "tool": "bench.tune",
+        "shapes": [
+            {
+                "name": "gpt-oss-120b tp=8",
+                "key": {"gpu": "NVIDIA H200", "triton_version": "3.6.0", "shape": shape_key(TP8)},
+                "settings": {"space": "small", "replays": 50},
+                "buckets": [
+                    {"bucket": 1, "default_ms": 0.0334, "stored_ms": 0.0279, "status": "tuned",
+                     "config": {"up": "m16n32k256g1w8s4", "down": "m16n32k64g1w4s3"}},
+                    {"bucket": 2, "default_ms": None, "stored_ms": None, "status": "out of time", "config": None},
+                ],
+            }
+        ],
+    }  # fmt: skip
+    (table,) = tables_from_report(data, "old.json")
+    assert dict(table.buckets) == {1: BucketConfig(tile("16,32,256,1,8,4"), default_tile(1, 128), None, 0.0279, 0.0334)}
+    assert "(up_ms not in it)" in table.notes and "space=small replays=50" in table.notes and table.created
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"tool": "bench.tune", "shapes": [{"key": {}, "buckets": []}]}))
+    assert main(["--table-from-report", str(bad), "--out", str(tmp_path)]) == 2
+    assert "bad.json: shape 0" in capsys.readouterr().err
+    bad.write_text("{}")
+    assert main(["--table-from-report", str(bad), "--out", str(tmp_path)]) == 2
+    assert "is not a bench.tune report" in capsys.readouterr().err
+    data["shapes"][0]["buckets"][0]["config"]["up"] = "m32n32k256g1w8s4"  # block_m differs from down's
+    with pytest.raises(ValueError, match="old.json: shape 0 .*block_m"):
+        tables_from_report(data, "old.json")
+
+
+def test_the_shipped_h200_table_loads_for_gpt_oss_120b_tp8():
+    from moe_dispatch.tuned_configs import default_tuned_dir
+
+    key = TunedKey("NVIDIA H200", "3.6.0", shape_key(TP8))
+    table = find_table(TP8, [default_tuned_dir()], key=key)
+    assert table is not None and sorted(table.buckets) == [1, 8, 32, 128]
+    assert "rebuilt from the report bench/results/nvidia-h200/tune-gpt-oss-120b-tp8.json" in table.notes
+    assert "T=1 29.0/29.7" in table.notes

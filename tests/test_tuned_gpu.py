@@ -27,7 +27,7 @@ from moe_dispatch.tuned_configs import (
     fused_moe_module_name,
     save_table,
 )
-from tests.cases import CASES, Case, record_error, skip_unless_available
+from tests.cases import CASES, Case, check_replays, record_error, skip_unless_available
 
 KERNEL = "triton_tuned"
 
@@ -105,14 +105,8 @@ def test_graph_capture_and_replay(case: Case, launched):
     assert launched == expected_launches(case.num_tokens, calls=3)  # 2 warm-up calls + the captured one
     sglang_untouched()
     launched.clear()
-    for seed in (11, 12):
-        new_x, new_logits = random_inputs(spec, case.num_tokens, device="cuda", seed=seed)
-        static_x.copy_(new_x)
-        static_logits.copy_(new_logits)
-        captured.graph.replay()
-        torch.cuda.synchronize()
-        expected = reference_moe(spec, weights, new_x, new_logits)
-        assert_close(captured.output, expected, spec.dtype, f"replay {case.id} seed={seed}")
+    inputs_for = lambda seed: random_inputs(spec, case.num_tokens, device="cuda", seed=seed)  # noqa: E731
+    check_replays(captured, (static_x, static_logits), spec, weights, inputs_for, (11, 12), f"replay {case.id}")
     assert launched == []  # replays run the captured kernels: no Python, no config lookup
 
 

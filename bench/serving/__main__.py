@@ -25,6 +25,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from bench.cli import positive_ints
 from bench.serving import driver, host, models, records, report
 from bench.serving.modes import BASELINE, DEFAULT_MODES, MODES, parse_modes
 from bench.serving.points import PointPlan
@@ -32,16 +33,6 @@ from bench.serving.points import PointPlan
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_BATCH_SIZES = (1, 8, 32, 64, 128, 256)
 DEFAULT_PREFILL_LENS = (512, 2048, 8192)
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.replace(",", " ").split())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
 
 
 def _modes(text: str) -> tuple[str, ...]:
@@ -63,8 +54,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--models", default=",".join(models.DEFAULT_MODELS), help="NAME[:tpN][:layers=L],...")
     p.add_argument("--modes", type=_modes, default=DEFAULT_MODES, help=f"some of {', '.join(MODES)}, or all")
     p.add_argument("--repeats", type=int, default=2, help="processes per model and mode (modes alternate)")
-    p.add_argument("--batch-sizes", type=_ints, default=DEFAULT_BATCH_SIZES, help="decode batch sizes")
-    p.add_argument("--prefill-lens", type=_ints, default=DEFAULT_PREFILL_LENS, help="prefill prompt tokens (batch 1)")
+    p.add_argument("--batch-sizes", type=positive_ints, default=DEFAULT_BATCH_SIZES, help="decode batch sizes")
+    p.add_argument("--prefill-lens", type=positive_ints, default=DEFAULT_PREFILL_LENS, help="prefill tokens (batch 1)")
     p.add_argument("--input-len", type=int, default=64, help="prompt tokens per sequence before decoding")
     p.add_argument("--output-len", type=int, default=64, help="tokens generated per decode point (steps + 1)")
     p.add_argument("--prefill-repeats", type=int, default=3, help="prefills per length per run (median kept)")

@@ -10,12 +10,18 @@ How, per (shape, bucket):
     default  SGLang's own config for both matmuls, timed          -> default_ms
     up       coordinate descent over the up config (down: default at its block_m)
     down     coordinate descent over the down config at the up's block_m
-    store    the best pair if it beats default_ms and matches the reference, else the default
+    confirm  default pair and best pair timed side by side (one call), 3 rounds in
+             alternating order with 4x the replays; the median tuned/default ratio decides
+    store    the best pair if it wins the confirm by min_gain and matches the reference,
+             else the default
 
     space.py   what is tried: spaces (small / full), block_m per bucket, resource filters
-    search.py  the descent, driven by an injected `time_configs` (CPU-testable), and the budget
-    state.py   the resume file: every timed point appended at once, never timed twice
+    search.py  the descent and the confirm, driven by an injected `time_configs` (CPU-testable)
+    budget.py  the time budget and its per-config estimate
+    plan.py    the dry run's per-bucket plan
+    state.py   the resume file: every timed point (and confirm round) appended at once, never timed twice
     gpu.py     the real `time_configs`: graphs.measure.measure_buckets over TunedTritonKernel
     report.py  Markdown + JSON report
+    tables.py  tables from a run's outcomes, or rebuilt from a report JSON (--table-from-report)
     __main__   the CLI
 """

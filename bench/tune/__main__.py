@@ -2,35 +2,28 @@
 
 Per tensor-parallel shard of the preset and per bucket: a coordinate descent over the up
 and down matmuls' tile configs, each candidate timed as a CUDA graph through
-graphs.measure.measure_buckets (see bench/tune/__init__.py). Writes one tuned table per
-shape into --out (what backend `triton_tuned` reads), a report (Markdown + JSON) next
-to the state file, and prints the report. --dry-run prints the planned search (no GPU).
+graphs.measure.measure_buckets (see bench/tune/__init__.py); a pair that beats the default
+is confirmed side by side with it (--confirm-rounds) before it is stored. Writes one tuned
+table per shape into --out (what backend `triton_tuned` reads), a report (Markdown + JSON)
+next to the state file, and prints the report. --dry-run prints the planned search (no
+GPU). --table-from-report REPORT.json rebuilds the tables from a report (no GPU).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench.cli import sorted_positive_ints
+
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_STATE = REPO / "out" / "tune" / "state.jsonl"
 SECONDS_PER_CONFIG = (1.0, 2.5)  # rough range on an H200: mostly the Triton compile of a new config
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.replace(",", " ").split())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return tuple(sorted(set(values)))
 
 
 def _number(kind: type, minimum: float, strict: bool) -> Callable[[str], float]:
@@ -54,8 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="python -m bench.tune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--preset", default="gpt-oss-120b", choices=PRESETS, help="model whose MoE layer is tuned")
-    p.add_argument("--tp", type=_ints, default=(2, 8), help="tensor-parallel sizes (shards of I), e.g. 2,8")
-    p.add_argument("--buckets", type=_ints, default=DEFAULT_BUCKETS, help="batch sizes (tokens) to tune")
+    p.add_argument("--tp", type=sorted_positive_ints, default=(2, 8), help="tp sizes (shards of I), e.g. 2,8")
+    p.add_argument("--buckets", type=sorted_positive_ints, default=DEFAULT_BUCKETS, help="batch sizes (tokens) to tune")
     p.add_argument(
         "--time-budget",
         type=_number(float, 0, strict=True),
@@ -72,13 +65,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--min-gain", type=float, default=0.01, help="store a tuned pair only when this much faster than the default"
     )
     p.add_argument(
+        "--confirm-rounds",
+        type=_number(int, 0, strict=False),
+        default=3,
+        help="side-by-side rounds of default vs tuned pair that decide what is stored (0: the search's timings)",
+    )
+    p.add_argument(
+        "--confirm-replays",
+        type=_number(int, 1, strict=False),
+        help="timed replays per pair in a confirm round (default: 4 x --replays)",
+    )
+    p.add_argument(
         "--smem-kib",
         type=_number(int, 1, strict=False),
         help="shared memory per block (default: the GPU's; 200 on CPU)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
     p.add_argument("--dry-run", action="store_true", help="print the planned search per bucket; no GPU needed")
+    p.add_argument(
+        "--table-from-report",
+        type=Path,
+        metavar="REPORT.json",
+        help="rebuild the tables from a report JSON this tool wrote and save them in --out; no GPU needed",
+    )
+    p.add_argument("--note", default="", help="with --table-from-report: a line appended to the tables' notes")
     args = p.parse_args(argv)
+    if args.confirm_replays is None:
+        args.confirm_replays = 4 * args.replays
     if not 0 <= args.min_gain < 1:
         p.error(f"--min-gain {args.min_gain} must be in [0, 1)")
     try:
@@ -92,6 +105,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _settings(args: argparse.Namespace):
+    from bench.tune.search import Settings
+    from bench.tune.space import get_space
+
+    return Settings(
+        get_space(args.space), args.min_gain, confirm_rounds=args.confirm_rounds, confirm_replays=args.confirm_replays
+    )
+
+
 def _limits(args: argparse.Namespace):
     from bench.tune.space import Limits, device_limits
 
@@ -100,19 +122,19 @@ def _limits(args: argparse.Namespace):
 
 def dry_run(args: argparse.Namespace) -> str:
     """The planned search per shape and bucket, with config counts (assuming no candidate beats its start)."""
-    from bench.tune.search import Settings, plan_bucket
-    from bench.tune.space import Point, block_m_choices, default_tile, get_space
+    from bench.tune.plan import plan_bucket
+    from bench.tune.space import Point, block_m_choices, default_tile
     from bench.tune.state import State
     from moe_dispatch.tuned_configs import shape_key
 
-    settings = Settings(get_space(args.space), args.min_gain)
+    settings = _settings(args)
     limits = _limits(args)
     state = State(args.state)  # ValueError on a damaged file: main reports it
     lines = [
         f"bench.tune dry run: space {args.space}, shared memory <= {limits.smem_bytes // 1024} KiB per block; "
         "counts assume no candidate beats its start (the real search varies by a few). Nothing is timed."
     ]
-    total = 0
+    total = confirms = 0
     for spec in args.specs:
         shape = shape_key(spec)
         held = state.count(lambda key, shape=shape: key.endswith("|" + shape))
@@ -120,12 +142,13 @@ def dry_run(args: argparse.Namespace) -> str:
             f"[tune {spec.name}] {shape}: up GEMM N={2 * spec.intermediate_size} K={spec.hidden_size}, "
             f"down GEMM N={spec.hidden_size} K={spec.intermediate_size}; {held} point(s) in {args.state}"
         )
-        shape_total = 0
+        shape_total = shape_confirms = 0
         for bucket in args.buckets:
             point = Point.of(spec, bucket, limits)
             plan = plan_bucket(point, settings)
-            n = sum(count for _, _, count in plan)
-            shape_total += n
+            n = sum(count for phase, _, count in plan if phase != "confirm")
+            c = sum(count for phase, _, count in plan if phase == "confirm")
+            shape_total, shape_confirms = shape_total + n, shape_confirms + c
             phases = " | ".join(
                 f"{phase} " + " + ".join(f"{step} {c}" for ph, step, c in plan if ph == phase)
                 for phase in ("up", "down")
@@ -134,39 +157,21 @@ def dry_run(args: argparse.Namespace) -> str:
             lines.append(
                 f"  bucket {bucket:5d}: default {default_tile(bucket, spec.num_experts).label()}, block_m {{{ms}}}: "
                 f"baseline 1 | {phases} = {n} configs"
-            )
-        lines.append(f"  {shape_total} configs over {len(args.buckets)} buckets")
-        total += shape_total
+                + (f" | confirm {args.confirm_rounds} rounds x 2 pairs x {args.confirm_replays} replays = {c} timings"
+                   if c else " | no confirm")
+            )  # fmt: skip
+        lines.append(
+            f"  {shape_total} configs + {shape_confirms} confirm timings over {len(args.buckets)} buckets"
+        )  # fmt: skip
+        total, confirms = total + shape_total, confirms + shape_confirms
     lo, hi = (total * s / 60 for s in SECONDS_PER_CONFIG)
     lines.append(
         f"total {total} configs: about {lo:.0f}-{hi:.0f} min of GPU at {SECONDS_PER_CONFIG[0]:g}-"
-        f"{SECONDS_PER_CONFIG[1]:g} s each (less where compiles repeat across buckets), plus the reference checks"
+        f"{SECONDS_PER_CONFIG[1]:g} s each (less where compiles repeat across buckets), plus {confirms} confirm "
+        "timings (made only where the search beats the default; compiled already, so mostly the replays) and "
+        "the reference checks"
     )
     return "\n".join(lines)
-
-
-def store(key, outcomes, args: argparse.Namespace, say: Callable[[str], None]) -> Path | None:
-    """Save the buckets done (merged over an existing table for the same key); None when none is."""
-    from moe_dispatch.tuned_configs import TunedConfigError, TunedTable, load_table, save_table, table_path
-
-    done = {o.bucket: o.config for o in outcomes if o.config is not None}
-    if not done:
-        return None
-    buckets = {}
-    path = table_path(key, args.out)
-    if path.exists():
-        try:
-            buckets = dict(load_table(path, expect=key).buckets)
-        except TunedConfigError as error:
-            say(f"replacing {path}: {error}")
-    kept = sorted(set(buckets) - set(done))
-    buckets.update(done)
-    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    notes = (
-        f"space={args.space} replays={args.replays} warmup={args.warmup} min_gain={args.min_gain} seed={args.seed}; "
-        f"buckets {sorted(done)} tuned {now}" + (f"; {kept} kept from the earlier table" if kept else "")
-    )
-    return save_table(TunedTable(key, buckets, created=now, notes=notes), args.out)
 
 
 def tune_shape(spec, args, settings, state, budget, say):
@@ -176,6 +181,7 @@ def tune_shape(spec, args, settings, state, budget, say):
     from bench.tune.report import ShapeReport
     from bench.tune.search import tune_buckets
     from bench.tune.space import Point
+    from bench.tune.tables import now_iso, store
     from graphs.measure import TimingPlan
     from moe_dispatch.tuned_configs import current_key
 
@@ -188,18 +194,30 @@ def tune_shape(spec, args, settings, state, budget, say):
     outcomes = tune_buckets(points, state_key, settings, tuner.time_configs, tuner.check, state, budget, say, spec.name)
     del tuner
     torch.cuda.empty_cache()
-    path = store(key, outcomes, args, say)
+    created = now_iso()
+    path = store(key, outcomes, args, say, created)
     say(f"[tune {spec.name}] table: {path or 'nothing to store'}")
-    fields = ("space", "replays", "warmup", "min_gain", "seed", "smem_kib")
+    fields = ("space", "replays", "warmup", "min_gain", "seed", "smem_kib", "confirm_rounds", "confirm_replays")
     return ShapeReport(
         spec.name, dataclasses.asdict(key), tuple(outcomes), str(path) if path else None,
-        {f: getattr(args, f) for f in fields},
+        {f: getattr(args, f) for f in fields}, created if path else None,
     )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     args = parse_args(argv)
+    if args.table_from_report is not None:
+        from bench.tune.tables import save_from_report
+
+        try:
+            paths = save_from_report(args.table_from_report, args.out, args.note)
+        except (ValueError, OSError) as error:  # TunedConfigError is a ValueError
+            print(f"bench.tune: {error}", file=sys.stderr)
+            return 2
+        for path in paths:
+            print(f"wrote {path}")
+        return 0
     if args.dry_run:
         try:
             print(dry_run(args))
@@ -215,15 +233,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from bench.tune import report
     from bench.tune.gpu import SetupError
-    from bench.tune.search import Budget, Settings
-    from bench.tune.space import get_space
+    from bench.tune.search import Budget
     from bench.tune.state import State
 
     def say(line: str) -> None:
         print(f"[{time.monotonic() - start:7.1f}s] {line}", file=sys.stderr, flush=True)
 
     budget = Budget(args.time_budget, clock=time.monotonic, start=start)  # imports and set-up count too
-    settings = Settings(get_space(args.space), args.min_gain)
+    settings = _settings(args)
     try:
         state = State(args.state)
     except ValueError as error:

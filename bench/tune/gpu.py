@@ -3,7 +3,7 @@
 One `GpuTuner` per shape holds the random weights and one set of static inputs (fixed
 seeds; bucket b reads the first b rows). A candidate pair (up, down) is a
 `TunedTritonKernel` whose config_for returns that pair, so graph capture bakes it in.
-Per chunk of pairs:
+Per chunk of pairs (`time_configs`; `replays` overrides the timed replays for one call):
     each kernel runs once eagerly (Triton compiles here; a config it cannot build fails
     here with its own error and is not captured)
     -> graphs.measure.measure_buckets(the rest, at the one bucket, a fresh graph pool)
@@ -86,8 +86,13 @@ class GpuTuner:
             raise ValueError(f"bucket {bucket} exceeds the static inputs' {self.inputs[0].shape[0]} rows")
         return tuple(t[:bucket] for t in self.inputs)
 
-    def time_configs(self, bucket: int, pairs: Mapping[str, Pair]) -> dict[str, float | str | None]:
-        """{label: median replay ms, or why the pair failed}."""
+    def time_configs(
+        self, bucket: int, pairs: Mapping[str, Pair], replays: int | None = None
+    ) -> dict[str, float | str | None]:
+        """{label: median replay ms, or why the pair failed}. The pairs are captured and timed
+        one after another in their order; `replays`: timed replays per pair for this call
+        (None: the tuner's TimingPlan; the confirm phase asks for more)."""
+        timing = self.timing if replays is None else TimingPlan(self.timing.warmup, replays)
         args = self._args(bucket)
         results: dict[str, float | str | None] = {}
         variants = {}
@@ -104,16 +109,18 @@ class GpuTuner:
                 continue
             variants[label] = kernel
         if variants:
-            results.update(self._measure(bucket, variants, args))
+            results.update(self._measure(bucket, variants, args, timing))
         torch.cuda.empty_cache()
         return results
 
-    def _measure(self, bucket: int, variants: Mapping, args: tuple) -> dict[str, float | str | None]:
+    def _measure(
+        self, bucket: int, variants: Mapping, args: tuple, timing: TimingPlan
+    ) -> dict[str, float | str | None]:
         pool = torch.cuda.graph_pool_handle()
         try:
             with warnings.catch_warnings():  # dropped variants come back in `dropped`; no warning each
                 warnings.filterwarnings("ignore", message="dropping variant", category=RuntimeWarning)
-                measurement = measure_buckets(variants, args, [bucket], pool, self.stream, timing=self.timing)
+                measurement = measure_buckets(variants, args, [bucket], pool, self.stream, timing=timing)
         except RuntimeError as error:  # every variant of the chunk failed to capture
             failed: dict[str, float | str | None] = dict.fromkeys(variants, _short(error))
             broken = _device_error()

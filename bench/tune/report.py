@@ -1,7 +1,9 @@
-"""The tuner's report: per shape, one row per bucket (default ms, tuned ms, speed-up, configs).
+"""The tuner's report: per shape, one row per bucket (default ms, tuned ms, speed-ups, configs).
 
 Written as Markdown (printed, and report.md) and JSON (report.json) under out/tune/, and
-to `--report PATH` (PATH gets the Markdown, PATH with suffix .json the JSON).
+to `--report PATH` (PATH gets the Markdown, PATH with suffix .json the JSON). The JSON
+holds per bucket the stored config with its times, so `--table-from-report` can rebuild
+the tables from it without a GPU (bench/tune/tables.py).
 """
 
 from __future__ import annotations
@@ -25,16 +27,38 @@ class ShapeReport:
     outcomes: tuple[Outcome, ...]
     table: str | None
     settings: dict[str, object]
+    created: str | None = None  # the table's `created` (when this run stored it)
 
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def stored_default_ms(outcome: Outcome) -> float | None:
+    """The default's time as stored (the confirm's median when confirmed), else the search's."""
+    config = outcome.config
+    return config.default_ms if config is not None and config.default_ms is not None else outcome.default_ms
+
+
 def speedup(outcome: Outcome) -> float | None:
-    """default_ms / the stored pair's ms (1.0 where the default is kept)."""
-    stored = outcome.stored_ms
-    return None if stored is None or outcome.default_ms is None else outcome.default_ms / stored
+    """Stored default ms / stored pair ms (1.0 where the default is kept)."""
+    stored, default = outcome.stored_ms, stored_default_ms(outcome)
+    return None if stored is None or default is None else default / stored
+
+
+def search_speedup(outcome: Outcome) -> float | None:
+    """What the search saw: its baseline / its best pair (timed in different chunks)."""
+    o = outcome
+    return None if o.best_ms is None or o.default_ms is None else o.default_ms / o.best_ms
+
+
+def confirmed_speedup(outcome: Outcome) -> float | None:
+    """1 / the confirm's median tuned/default ratio (side-by-side rounds); None: no confirm."""
+    return None if outcome.confirmed is None else 1 / outcome.confirmed
+
+
+def _x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
 
 
 def _configs(o: Outcome) -> str:
@@ -43,6 +67,8 @@ def _configs(o: Outcome) -> str:
         parts.append(f"{o.reused} resumed")
     if o.failed:
         parts.append(f"{o.failed} failed")
+    if o.confirm_rounds:
+        parts.append(f"{o.confirm_rounds} confirm round{'s' if o.confirm_rounds > 1 else ''}")
     return ", ".join(parts)
 
 
@@ -54,18 +80,27 @@ def markdown(report: ShapeReport) -> str:
         "",
         f"shape `{key.get('shape', '?')}`; table: {report.table or 'not written'}",
         "",
-        markdown_row(["bucket", "default ms", "tuned ms", "speed-up", "up", "down", "status", "configs"]),
-        "|" + "---|" * 8,
+        markdown_row(
+            ["bucket", "default ms", "tuned ms", "search speed-up", "confirmed speed-up", "up", "down", "status"]
+            + ["configs"]
+        ),
+        "|" + "---|" * 9,
     ]
     for o in report.outcomes:
-        gain = speedup(o)
         up = down = "-"
         if o.config is not None:
             up, down = f"`{o.config.up.label()}`", f"`{o.config.down.label()}`"
         status = o.status + (f" ({o.note[:80]})" if o.note and o.status != "tuned" else "")
-        cells = [str(o.bucket), _ms(o.default_ms), _ms(o.stored_ms), "-" if gain is None else f"{gain:.2f}x"]
-        lines.append(markdown_row([*cells, up, down, status.replace("|", "/"), _configs(o)]))
-    lines += ["", "Times: median CUDA-graph replay of one MoE call (both matmuls, routing, combine)."]
+        cells = [str(o.bucket), _ms(stored_default_ms(o)), _ms(o.stored_ms), _x(search_speedup(o))]
+        cells += [_x(confirmed_speedup(o)), up, down, status.replace("|", "/"), _configs(o)]
+        lines.append(markdown_row(cells))
+    lines += [
+        "",
+        "Times: median CUDA-graph replay of one MoE call (both matmuls, routing, combine), as stored in the "
+        "table (default and tuned: medians of the confirm rounds where there are any). Search speed-up: the "
+        "search's baseline over its best pair, timed in different chunks; confirmed speed-up: 1 / the median "
+        "tuned/default ratio of the side-by-side confirm rounds, which decides what is stored.",
+    ]
     return "\n".join(lines)
 
 
@@ -73,8 +108,20 @@ def _outcome_json(o: Outcome) -> dict:
     data = dataclasses.asdict(o)
     data["default"] = o.default.label()
     data["best"] = None if o.best is None else {"up": o.best[0].label(), "down": o.best[1].label()}
-    data["config"] = None if o.config is None else {"up": o.config.up.label(), "down": o.config.down.label()}
+    c = o.config
+    data["config"] = (
+        None
+        if c is None
+        else {
+            "up": c.up.label(),
+            "down": c.down.label(),
+            "up_ms": c.up_ms,
+            "down_ms": c.down_ms,
+            "default_ms": c.default_ms,
+        }
+    )
     data["stored_ms"], data["speedup"] = o.stored_ms, speedup(o)
+    data["search_speedup"], data["confirmed_speedup"] = search_speedup(o), confirmed_speedup(o)
     return data
 
 
@@ -86,6 +133,7 @@ def to_json(reports: Sequence[ShapeReport]) -> dict:
                 "name": r.name,
                 "key": r.key,
                 "table": r.table,
+                "created": r.created,
                 "settings": r.settings,
                 "buckets": [_outcome_json(o) for o in r.outcomes],
             }

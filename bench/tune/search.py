@@ -5,35 +5,43 @@ Per bucket (the configs come from space.py):
     2. up phase: its steps vary the up config; each candidate runs with the default down
        config at the candidate's block_m (the two matmuls share it); the best is kept
     3. down phase: up fixed to the best; its steps vary the down config at that block_m
-    4. the tuned pair is stored when it beats default_ms by `min_gain` and its output
-       matches the reference (`check`); otherwise the default pair is stored (honest:
-       tuned == default there)
+    4. confirm (when the best pair is not the default): the default pair and the best pair
+       timed side by side in one time_configs call, `confirm_rounds` times, alternating
+       which goes first, with `confirm_replays` replays. The steps above compare timings
+       taken in different chunks (after compile pauses), which can be off by 15 % for a
+       30 us graph; the confirm compares timings taken moments apart.
+    5. the tuned pair is stored when the median over the rounds of (tuned ms / default ms)
+       is below 1 - `min_gain` and its output matches the reference (`check`); otherwise
+       the default pair is stored (honest: tuned == default there). Stored times: default_ms
+       and down_ms are the medians of the confirm timings of the default and the tuned pair;
+       up_ms (tuned up, default down) is the search's own timing (the confirm does not
+       time that pair). With confirm_rounds=0, the search's timings decide and are stored.
 
-Timing is injected: `time_configs(bucket, {label: (up, down)}) -> {label: result}` with
-result = median ms, or None / an error string for a pair that failed to compile or
-capture (recorded, never retried). Every result goes to the `State` at once; points it
-holds already are not timed again (resume). `Budget` starts no chunk of timings that its
-running estimate says would not fit; a bucket cut short is reported, not stored.
+Timing is injected: `time_configs(bucket, {label: (up, down)}, replays=None) -> {label:
+result}` with result = median ms, or None / an error string for a pair that failed to
+compile or capture (recorded, never retried); the search calls it as
+`time_configs(bucket, pairs)`, the confirm with `replays=confirm_replays` (None: the
+timer's own). Every result goes to the `State` at once, confirm timings as phase
+"confirm" per round; what it holds already is not timed again (resume). `Budget` starts
+no chunk of timings that its running estimate says would not fit; a bucket cut short is
+reported, not stored.
 """
 
 from __future__ import annotations
 
 import math
-import time
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from bench.tune.budget import Budget, OutOfTime, left_text
 from bench.tune.space import Point, Space, candidates, default_tile, down_base, steps
 from bench.tune.state import Entry, State
 from moe_dispatch.tuned_configs import BucketConfig, TileConfig
 
 Pair = tuple[TileConfig, TileConfig]
-TimeConfigs = Callable[[int, Mapping[str, Pair]], Mapping[str, "float | str | None"]]
+TimeConfigs = Callable[..., Mapping[str, "float | str | None"]]  # (bucket, pairs, replays=None)
 Check = Callable[[int, TileConfig, TileConfig], "str | None"]  # None: matches the reference, else why not
-
-
-class OutOfTime(Exception):
-    """The time budget leaves no room for the next chunk of timings."""
 
 
 class StopTuning(Exception):
@@ -45,62 +53,37 @@ class StopTuning(Exception):
         self.results = dict(results)
 
 
-class Budget:
-    """Seconds left, and how long one config takes (running mean per bucket, else overall)."""
-
-    def __init__(
-        self,
-        seconds: float | None,
-        clock: Callable[[], float] = time.monotonic,
-        first_estimate_s: float = 2.0,
-        start: float | None = None,
-    ) -> None:
-        """`start`: when the budget began on `clock` (default: now)."""
-        if seconds is not None and not seconds > 0:
-            raise ValueError(f"time budget {seconds!r} s; expected > 0 (or None for no limit)")
-        self.clock = clock
-        self.deadline = None if seconds is None else (clock() if start is None else start) + seconds
-        self.first_estimate_s = first_estimate_s
-        self._spent: dict[int, tuple[int, float]] = {}  # bucket -> (configs, seconds)
-
-    def left(self) -> float:
-        return math.inf if self.deadline is None else self.deadline - self.clock()
-
-    def estimate(self, bucket: int, configs: int) -> float:
-        n, s = self._spent.get(bucket, (0, 0.0))
-        if not n:
-            n, s = map(sum, zip(*self._spent.values(), strict=True)) if self._spent else (0, 0.0)
-        return configs * (s / n if n else self.first_estimate_s)
-
-    def allows(self, bucket: int, configs: int) -> bool:
-        return self.estimate(bucket, configs) <= self.left()
-
-    def spent(self, bucket: int, configs: int, seconds: float) -> None:
-        n, s = self._spent.get(bucket, (0, 0.0))
-        self._spent[bucket] = (n + configs, s + seconds)
-
-
 @dataclass(frozen=True)
 class Settings:
     space: Space
     min_gain: float = 0.01  # the tuned pair must be this much faster than the default (noise guard)
     chunk: int = 4  # pairs per time_configs call: one graph pool, one state flush, one budget check
+    confirm_rounds: int = 3  # side-by-side rounds of default vs tuned (0: the search's timings decide)
+    confirm_replays: int | None = None  # replays per pair in a confirm round (None: the timer's own)
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_gain < 1:
             raise ValueError(f"min_gain={self.min_gain}; expected 0 <= min_gain < 1")
         if self.chunk < 1:
             raise ValueError(f"chunk={self.chunk}; expected >= 1")
+        if self.confirm_rounds < 0:
+            raise ValueError(f"confirm_rounds={self.confirm_rounds}; expected >= 0")
+        if self.confirm_replays is not None and self.confirm_replays < 1:
+            raise ValueError(f"confirm_replays={self.confirm_replays}; expected >= 1 (or None)")
 
 
 @dataclass(frozen=True)
 class Outcome:
     """One bucket's result. `config`: what the table stores (None: nothing to store).
 
-    status: "tuned", "default kept" (no pair beat it by min_gain), "check failed" (the
-    winner's output was wrong; default stored), "no config ran", "out of time" (the budget
-    ran out; nothing stored), "stopped" (time_configs raised StopTuning; nothing stored).
-    `best` / `best_ms`: the fastest pair found, stored or not.
+    status: "tuned", "default kept" (no pair beat it by min_gain, in the confirm when there
+    is one), "check failed" (the winner's output was wrong; default stored), "no config
+    ran", "out of time" (the budget ran out; nothing stored), "stopped" (time_configs
+    raised StopTuning; nothing stored).
+    `default_ms`, `best` / `best_ms`: the search's baseline and the fastest pair it found,
+    stored or not. `confirmed`: the median over the confirm rounds of tuned ms / default
+    ms (None: no confirm), `confirm_rounds` the rounds it is over. `config` holds the
+    times stored (see the module doc).
     """
 
     bucket: int
@@ -114,6 +97,8 @@ class Outcome:
     reused: int
     failed: int
     note: str = ""
+    confirmed: float | None = None
+    confirm_rounds: int = 0
 
     @property
     def stored_ms(self) -> float | None:
@@ -130,6 +115,32 @@ class _Tally:
     reused: int = 0
     failed: int = 0
     seen: set[str] = field(default_factory=set)
+    confirm_timed: int = 0  # confirm rounds timed in this run
+    confirm_reused: int = 0  # confirm rounds read back from the state file
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    """The confirm phase of one bucket. `rounds`: (default ms, tuned ms) of each round both
+    pairs ran in; `best_failed`: why the tuned pair failed in a round (it is then not stored);
+    `skipped`: why rounds without a default time were left out."""
+
+    rounds: tuple[tuple[float, float], ...]
+    best_failed: str | None = None
+    skipped: tuple[str, ...] = ()
+
+    @property
+    def ratio(self) -> float | None:
+        """Median over the rounds of tuned ms / default ms (None: no round)."""
+        return statistics.median(b / d for d, b in self.rounds) if self.rounds else None
+
+    @property
+    def default_ms(self) -> float | None:
+        return statistics.median(d for d, _ in self.rounds) if self.rounds else None
+
+    @property
+    def best_ms(self) -> float | None:
+        return statistics.median(b for _, b in self.rounds) if self.rounds else None
 
 
 class BucketSearch:
@@ -199,17 +210,19 @@ class BucketSearch:
                 got = f"{entry.ms:.4f} ms" if entry.ms is not None else f"FAILED ({(entry.error or '')[:80]})"
                 self._say(
                     f"{phase} {step} {i}/{len(todo)} {varied.label()} {got} (best {_ms(best)}) "
-                    f"| {_left(self.budget)} left"
+                    f"| {left_text(self.budget)} left"
                 )
         return {p: self._lookup(p).ms for p in pairs}  # type: ignore[union-attr]
 
-    def _entry(self, phase: str, pair: Pair, result: float | str | None) -> Entry:
+    def _entry(
+        self, phase: str, pair: Pair, result: float | str | None, round: int | None = None, vs: str | None = None
+    ) -> Entry:
         ms, error = None, None
         if isinstance(result, (int, float)) and not isinstance(result, bool) and math.isfinite(result) and result > 0:
             ms = float(result)
         else:
             error = result if isinstance(result, str) and result else f"no time ({result!r})"
-        return Entry(self.key, self.bucket, phase, pair[0].label(), pair[1].label(), ms, error)
+        return Entry(self.key, self.bucket, phase, pair[0].label(), pair[1].label(), ms, error, round, vs)
 
     def _say(self, text: str) -> None:
         self.say(f"[tune {self.tag}] bucket {self.bucket} {text}")
@@ -243,25 +256,96 @@ class BucketSearch:
         self, default: TileConfig, default_ms: float | None, best: Pair, best_ms: float | None, up_ms: float | None
     ) -> Outcome:
         kept = BucketConfig(default, default, default_ms, default_ms, default_ms) if default_ms else None
+        confirm: Confirmation | None = None
 
         def outcome(config: BucketConfig | None, status: str, note: str = "") -> Outcome:
             t = self.tally
+            ratio, rounds = (confirm.ratio, len(confirm.rounds)) if confirm else (None, 0)
             return Outcome(
                 self.bucket, default, default_ms, best if best_ms else None, best_ms, config, status,
-                t.timed, t.reused, t.failed, note,
+                t.timed, t.reused, t.failed, note, ratio, rounds,
             )  # fmt: skip
 
         if best_ms is None:
             return outcome(kept, "default kept" if kept else "no config ran", "no tuned pair ran")
-        if best == (default, default) or (
-            default_ms is not None and not best_ms < default_ms * (1 - self.settings.min_gain)
-        ):
+        if best == (default, default):
             return outcome(kept, "default kept")
+        stored = (up_ms, best_ms, default_ms)
+        if default_ms is None:  # the default cannot run: nothing to confirm against
+            pass
+        elif not self.settings.confirm_rounds:
+            if not best_ms < default_ms * (1 - self.settings.min_gain):
+                return outcome(kept, "default kept")
+        else:
+            confirm = self._confirm((default, default), best)
+            if confirm.best_failed is not None:
+                return outcome(kept, "default kept", f"the tuned pair failed in the confirm: {confirm.best_failed}")
+            if confirm.ratio is None:
+                return outcome(kept, "default kept", f"no confirm round timed both pairs: {confirm.skipped[:1]}")
+            d, b = confirm.default_ms, confirm.best_ms
+            note = f"confirm: tuned/default {confirm.ratio:.3f} (median of {len(confirm.rounds)} rounds)"
+            if not confirm.ratio < 1 - self.settings.min_gain:
+                self._say(f"{note}: the search's {best_ms / default_ms:.3f} did not hold; storing the default")
+                return outcome(BucketConfig(default, default, d, d, d), "default kept", note)
+            stored = (up_ms, b, d)
         error = self._checked(*best)
         if error is not None:
             self._say(f"winner {pair_label(*best)} FAILED the reference check: {error}; storing the default")
             return outcome(kept, "check failed", error)
-        return outcome(BucketConfig(best[0], best[1], up_ms, best_ms, default_ms), "tuned")
+        return outcome(BucketConfig(best[0], best[1], *stored), "tuned")
+
+    # ---- the confirm phase ----
+
+    def _confirm(self, default: Pair, best: Pair) -> Confirmation:
+        """Default and best side by side, `confirm_rounds` rounds, alternating which goes first."""
+        rounds: list[tuple[float, float]] = []
+        skipped: list[str] = []
+        total = self.settings.confirm_rounds
+        for r in range(total):
+            got = self._confirm_round(r, (default, best) if r % 2 == 0 else (best, default))
+            d, b = got[default], got[best]
+            if b is not None and b.ms is None:
+                return Confirmation(tuple(rounds), b.error or "no time", tuple(skipped))
+            if d is None or d.ms is None or b is None:  # b is None only when the default failed first
+                skipped.append((d.error if d is not None else None) or "no time")
+                continue
+            rounds.append((d.ms, b.ms))
+            self._say(f"confirm {r + 1}/{total}: default {d.ms:.4f} ms, tuned {b.ms:.4f} ms ({b.ms / d.ms:.3f})")
+        return Confirmation(tuple(rounds), None, tuple(skipped))
+
+    def _confirm_lookup(self, r: int, pair: Pair, other: Pair) -> Entry | None:
+        return self.state.confirm(self.key, self.bucket, pair[0].label(), pair[1].label(), r, pair_label(*other))
+
+    def _confirm_round(self, r: int, order: tuple[Pair, Pair]) -> dict[Pair, Entry | None]:
+        """Both pairs' entries of round `r`; timed (both, in `order`) unless the state holds both
+        or a failure of either (never retried: a stopped run's culprit; the other is then None)."""
+        first, second = order
+        others = {first: second, second: first}
+        held = {p: self._confirm_lookup(r, p, others[p]) for p in order}
+        if all(held.values()) or any(e is not None and e.ms is None for e in held.values()):
+            self.tally.confirm_reused += 1
+            return held
+        if not self.budget.allows(self.bucket, len(order)):
+            raise OutOfTime(
+                f"bucket {self.bucket} confirm round {r + 1}: needs about "
+                f"{self.budget.estimate(self.bucket, len(order)):.0f} s, {self.budget.left():.0f} s left"
+            )
+        labels = {pair_label(*p): p for p in order}
+
+        def record(results: Mapping[str, float | str | None], missing: str | None) -> None:
+            for label, p in labels.items():
+                if label in results or missing is not None:
+                    result = results.get(label, missing)
+                    self.state.record(self._entry("confirm", p, result, round=r, vs=pair_label(*others[p])))
+
+        try:
+            results = self.time_configs(self.bucket, labels, replays=self.settings.confirm_replays)
+        except StopTuning as stop:  # what it has (the culprit included) is kept; the round is redone whole
+            record(stop.results, None)
+            raise
+        record(results, "time_configs returned no result")
+        self.tally.confirm_timed += 1
+        return {p: self._confirm_lookup(r, p, others[p]) for p in order}
 
     def _checked(self, up: TileConfig, down: TileConfig) -> str | None:
         """The reference check of the winner, from the state file when done before."""
@@ -314,43 +398,3 @@ def tune_buckets(
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
-
-
-def _left(budget: Budget) -> str:
-    left = budget.left()
-    return "no limit" if math.isinf(left) else f"{max(0.0, left):.0f} s"
-
-
-class _Planner(BucketSearch):
-    """A search whose every pair takes 1 ms: the steps and counts of a run where nothing
-    beats the starting config (a dry run: no GPU, no state written)."""
-
-    def __init__(self, point: Point, settings: Settings) -> None:
-        super().__init__(point, "plan", settings, _no_timer, _no_check, State(None), Budget(None), _quiet, "plan")
-        self.steps: list[tuple[str, str, int]] = []
-        self._planned: set[Pair] = set()
-
-    def evaluate(self, phase: str, step: str, pairs: Sequence[Pair], best: float | None) -> dict[Pair, float | None]:
-        new = [p for p in dict.fromkeys(pairs) if p not in self._planned]
-        self._planned.update(new)
-        self.steps.append((phase, step, len(new)))
-        return dict.fromkeys(pairs, 1.0)
-
-
-def plan_bucket(point: Point, settings: Settings) -> list[tuple[str, str, int]]:
-    """(phase, step, configs timed) of the search at `point`, assuming no candidate beats its start."""
-    planner = _Planner(point, settings)
-    planner.run()
-    return planner.steps
-
-
-def _no_timer(bucket: int, pairs: Mapping[str, Pair]) -> dict[str, float | str | None]:
-    raise AssertionError("the planner times nothing")
-
-
-def _no_check(bucket: int, up: TileConfig, down: TileConfig) -> str | None:
-    raise AssertionError("the planner checks nothing")
-
-
-def _quiet(line: str) -> None:
-    pass

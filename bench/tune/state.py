@@ -5,6 +5,9 @@
 
 `ms` null with an `error`: the pair failed to compile or capture; it is never retried.
 Phase "check" lines hold the reference check of a bucket's winner (`error` null: passed).
+Phase "confirm" lines hold the side-by-side timings of the confirm phase: one line per
+pair per round, with `round` (0-based) and `vs` (the label of the pair timed beside it),
+so a resumed run repeats no round it finished. Other lines carry no `round`/`vs`.
 On start the file is read back, so points timed by an earlier (interrupted) run are not
 timed again. A torn last line (a run killed while writing) is ignored; any other bad
 line is an error naming the file and line.
@@ -19,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-PHASES = ("default", "up", "down", "check")
+PHASES = ("default", "up", "down", "confirm", "check")
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,8 @@ class Entry:
     down: str
     ms: float | None
     error: str | None = None
+    round: int | None = None  # confirm lines only: the confirm round (0-based)
+    vs: str | None = None  # confirm lines only: pair_label of the pair timed beside this one
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
@@ -51,6 +56,13 @@ class Entry:
             raise ValueError(f"error {self.error!r}; expected a str or null")
         if self.phase != "check" and (self.ms is None) == (self.error is None):
             raise ValueError(f"a timed point has either ms or an error, got ms={self.ms!r} error={self.error!r}")
+        if self.phase == "confirm":
+            if not isinstance(self.round, int) or isinstance(self.round, bool) or self.round < 0:
+                raise ValueError(f"round {self.round!r}; a confirm line needs an int >= 0")
+            if not isinstance(self.vs, str) or not self.vs:
+                raise ValueError(f"vs {self.vs!r}; a confirm line needs the label of the pair beside it")
+        elif self.round is not None or self.vs is not None:
+            raise ValueError(f"round/vs are for confirm lines only, got phase {self.phase!r}")
 
     @property
     def lookup(self) -> tuple[str, int, str, str]:
@@ -64,6 +76,7 @@ class State:
         self.path = path
         self._points: dict[tuple[str, int, str, str], Entry] = {}
         self._checks: dict[tuple[str, int, str, str], Entry] = {}
+        self._confirms: dict[tuple[str, int, str, str, int, str], Entry] = {}
         self.loaded = 0
         if path is not None and path.exists():
             self._read(path)
@@ -84,7 +97,10 @@ class State:
             self.loaded += 1
 
     def _remember(self, entry: Entry) -> None:
-        (self._checks if entry.phase == "check" else self._points)[entry.lookup] = entry
+        if entry.phase == "confirm":
+            self._confirms[(*entry.lookup, entry.round, entry.vs)] = entry  # type: ignore[index]
+        else:
+            (self._checks if entry.phase == "check" else self._points)[entry.lookup] = entry
 
     def point(self, key: str, bucket: int, up: str, down: str) -> Entry | None:
         """The timed (or failed) point, None when never timed."""
@@ -93,6 +109,10 @@ class State:
     def check(self, key: str, bucket: int, up: str, down: str) -> Entry | None:
         """The reference check of a pair, None when never checked."""
         return self._checks.get((key, bucket, up, down))
+
+    def confirm(self, key: str, bucket: int, up: str, down: str, round: int, vs: str) -> Entry | None:
+        """The pair's timing in confirm round `round` beside pair `vs`, None when not timed."""
+        return self._confirms.get((key, bucket, up, down, round, vs))
 
     def count(self, key_matches: Callable[[str], bool]) -> int:
         """How many timed points have a key that `key_matches`."""
@@ -105,4 +125,5 @@ class State:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as f:
-            f.write(json.dumps(asdict(entry)) + "\n")
+            line = {k: v for k, v in asdict(entry).items() if v is not None or k not in ("round", "vs")}
+            f.write(json.dumps(line) + "\n")
