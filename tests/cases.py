@@ -88,3 +88,25 @@ def check_replays(captured, static_inputs, spec, weights, inputs_for, seeds, lab
         assert_close(captured.output, ref, spec.dtype, f"{label} seed={seed}")
         if eager is not None:
             assert torch.equal(captured.output, eager(new_x, new_logits)), f"{label} seed={seed}: replay != eager"
+
+
+def spy_fused_moe_configs(monkeypatch) -> list[dict[str, int]]:
+    """Record the tile config of every SGLang fused_moe matmul launch (`invoke_fused_moe_kernel`), in order."""
+    import importlib
+    import inspect
+
+    from moe_dispatch.tuned_configs import TileConfig, fused_moe_module_name
+
+    module = importlib.import_module(fused_moe_module_name)
+    original = module.invoke_fused_moe_kernel
+    signature = inspect.signature(original)
+    keys = TileConfig(16, 16, 16, 1, 1, 1).to_sglang()
+    configs: list[dict[str, int]] = []
+
+    def spy(*args, **kwargs):
+        config = signature.bind(*args, **kwargs).arguments["config"]
+        configs.append({key: config[key] for key in keys if key in config})
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, "invoke_fused_moe_kernel", spy)
+    return configs

@@ -376,7 +376,7 @@ def fake_switch(monkeypatch):
 def test_startup_measures_once_saves_a_plan_and_a_restart_reuses_it(fake_switch, monkeypatch, tmp_path, caplog):
     calls = []
 
-    def fake_probe(pairs, spec, sizes, switch, group=None, progress=None):
+    def fake_probe(pairs, spec, sizes, switch, group=None, kernels=KERNELS, progress=None):
         calls.append(tuple(sizes))
         rows = tuple(probe.SizeTimes(n, {}, "triton" if n < 32 else "triton_kernels") for n in sizes)
         return probe.ProbeResult(rows, layers=1, seconds=0.1)

@@ -208,6 +208,37 @@ def test_layer_matches_stock_with_each_backend(sglang_env, layers, weights, num_
     assert extra_weight_bytes(moe) == 0
 
 
+@pytest.mark.parametrize("num_tokens", (7, 300))
+def test_layer_runs_triton_tuned_with_the_tables_configs(sglang_env, layers, weights, num_tokens, monkeypatch):
+    """--adaptive-moe-tuned: a tuned layer, forced to triton_tuned, launches the table's configs and
+    matches stock Triton; a layer the table was not enabled for keeps SGLang's own configs."""
+    from moe_dispatch.tuned_configs import BucketConfig, TileConfig, TunedKey, TunedTable, shape_key
+    from tests.cases import spy_fused_moe_configs
+
+    switch = sglang_env
+    (topk, moe), stock_triton, _stock_tk = layers
+    small = BucketConfig(TileConfig(16, 32, 64, 1, 4, 2), TileConfig(16, 64, 64, 1, 4, 3))
+    large = BucketConfig(TileConfig(64, 64, 64, 8, 4, 3), TileConfig(64, 128, 64, 8, 8, 3))
+    table = TunedTable(TunedKey("test", "test", shape_key(SPEC)), {8: small, 256: large}, created="test")
+    x, logits = random_inputs(SPEC, num_tokens, device="cuda", seed=num_tokens)
+    stock = forward(*stock_triton, x, logits)
+    launched = spy_fused_moe_configs(monkeypatch)
+    switch.enable_tuned(table, [moe.quant_method])
+    try:
+        with switch.forced("triton_tuned"):
+            out = forward(topk, moe, x, logits)
+        bucket = table.config_for(num_tokens)
+        assert launched == [bucket.up.to_sglang(), bucket.down.to_sglang()]
+        assert_close(out, stock, SPEC.dtype, f"plugin triton_tuned vs stock T={num_tokens}", tol=TOLERANCES[SPEC.dtype])
+        switch.enable_tuned(table, [])  # not a tuned layer: triton_tuned runs as triton
+        launched.clear()
+        with switch.forced("triton_tuned"):
+            forward(topk, moe, x, logits)
+        assert launched and launched[0] != bucket.up.to_sglang()
+    finally:
+        switch.enable_tuned(None, [])  # no table: triton_tuned is no candidate again
+
+
 def test_unsupported_layers_are_refused(sglang_env, layers):
     from moe_dispatch.sglang_plugin.layer_hooks import layer_support
 

@@ -54,6 +54,7 @@ def test_env_var_names_cover_every_field():
         "policy": "SGLANG_ADAPTIVE_MOE_POLICY",
         "plan_path": "SGLANG_ADAPTIVE_MOE_PLAN",
         "kernel": "SGLANG_ADAPTIVE_MOE_KERNEL",
+        "tuned": "SGLANG_ADAPTIVE_MOE_TUNED",
     }
 
 
@@ -160,6 +161,7 @@ def test_env_bad_policy_names_var_and_value():
         AdaptiveMoESettings(),
         AdaptiveMoESettings(True, 7, "threshold", "plans/gpt-oss.json"),
         AdaptiveMoESettings(enabled=True, policy="measure"),
+        AdaptiveMoESettings(enabled=True, policy="measure", tuned=True),
     ],
 )
 def test_to_env_round_trip(settings):
@@ -267,3 +269,19 @@ def test_help_mentions_env_vars(capsys):
     out = capsys.readouterr().out
     for var in ENV_VARS.values():
         assert var in out
+
+
+def test_tuned_parses_from_env_and_cli_and_needs_policy_measure():
+    tuned = ENV_VARS["tuned"]
+    assert from_env({ENABLED: "1", tuned: "yes"}).tuned is True
+    assert from_env({ENABLED: "1", tuned: "0"}).tuned is False
+    with pytest.raises(ValueError, match=tuned):
+        from_env({tuned: "maybe"})
+    with pytest.raises(ValueError, match="needs policy 'measure'"):
+        AdaptiveMoESettings(enabled=True, policy="threshold", tuned=True)
+    with pytest.raises(TypeError, match="tuned must be a bool"):
+        AdaptiveMoESettings(tuned="1")
+    parser = argparse.ArgumentParser()
+    add_cli_args(parser)
+    assert from_cli_namespace(parser.parse_args(["--adaptive-moe-tuned"]), {}).tuned is True
+    assert from_cli_namespace(parser.parse_args([]), {tuned: "1"}).tuned is True

@@ -8,7 +8,6 @@ tests/test_backends_gpu.py does.
 """
 
 import importlib
-import inspect
 
 import pytest
 import torch
@@ -27,7 +26,7 @@ from moe_dispatch.tuned_configs import (
     fused_moe_module_name,
     save_table,
 )
-from tests.cases import CASES, Case, check_replays, record_error, skip_unless_available
+from tests.cases import CASES, Case, check_replays, record_error, skip_unless_available, spy_fused_moe_configs
 
 KERNEL = "triton_tuned"
 
@@ -56,19 +55,7 @@ def expected_launches(num_tokens: int, calls: int = 1) -> list[dict[str, int]]:
 
 @pytest.fixture
 def launched(monkeypatch):
-    """The tile config of every fused_moe matmul launch (SGLang's `invoke_fused_moe_kernel`), in order."""
-    module = importlib.import_module(fused_moe_module_name)
-    original = module.invoke_fused_moe_kernel
-    signature = inspect.signature(original)
-    configs: list[dict[str, int]] = []
-
-    def spy(*args, **kwargs):
-        config = signature.bind(*args, **kwargs).arguments["config"]
-        configs.append({key: config[key] for key in TileConfig(16, 16, 16, 1, 1, 1).to_sglang() if key in config})
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(module, "invoke_fused_moe_kernel", spy)
-    return configs
+    return spy_fused_moe_configs(monkeypatch)
 
 
 def sglang_untouched() -> None:

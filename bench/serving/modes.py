@@ -12,6 +12,8 @@ names are the contract with the plugin (`moe_dispatch.sglang_plugin.settings`):
     threshold       SGLANG_ADAPTIVE_MOE=1, POLICY=threshold, BATCH_THRESHOLD=1536: the old static rule
     triton          SGLANG_ADAPTIVE_MOE=1, POLICY=fixed, KERNEL=triton
     triton_kernels  SGLANG_ADAPTIVE_MOE=1, POLICY=fixed, KERNEL=triton_kernels
+    tuned           SGLANG_ADAPTIVE_MOE=1, POLICY=measure, TUNED=1, PLAN=<fresh path>: a first start that
+                    also measures triton_tuned (where a tuned table fits the model's layers)
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ POLICY = "SGLANG_ADAPTIVE_MOE_POLICY"
 PLAN = "SGLANG_ADAPTIVE_MOE_PLAN"
 THRESHOLD = "SGLANG_ADAPTIVE_MOE_BATCH_THRESHOLD"
 KERNEL = "SGLANG_ADAPTIVE_MOE_KERNEL"
-ENV_NAMES = (ENABLED, POLICY, PLAN, THRESHOLD, KERNEL)
+TUNED = "SGLANG_ADAPTIVE_MOE_TUNED"
+ENV_NAMES = (ENABLED, POLICY, PLAN, THRESHOLD, KERNEL, TUNED)
 STATIC_THRESHOLD = 1536
 
 
@@ -64,6 +67,7 @@ MODES: Mapping[str, Mode] = MappingProxyType(
                 _ON | {POLICY: "fixed", KERNEL: "triton_kernels"},
                 description="fixed: triton_kernels",
             ),
+            Mode("tuned", _ON | {POLICY: "measure", TUNED: "1"}, "write", "first start, triton_tuned measured too"),
         )
     }
 )

@@ -14,7 +14,10 @@ eager batches. The rule is one of:
     ThresholdRule  policy "threshold": triton below the threshold, triton_kernels from it
     FixedRule      policy "fixed": one kernel everywhere
 The switch also holds the set of TopK modules that are adaptive (paired with an
-unquantized FusedMoE); every other TopK runs stock. Pure Python, no SGLang.
+unquantized FusedMoE); every other TopK runs stock. With `--adaptive-moe-tuned` and a tuned
+table for the layers' shape, a third kernel, `triton_tuned` (the Triton runner with the table's
+tile configs), joins the measured candidates for the layers whose methods `enable_tuned` got.
+Pure Python, no SGLang.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ import contextlib
 import dataclasses
 import itertools
 import weakref
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 from moe_dispatch.policy import DEFAULT_THRESHOLD, LARGE_BATCH_KERNEL, SMALL_BATCH_KERNEL, threshold_kernel
 from moe_dispatch.sglang_plugin.settings import AdaptiveMoESettings
@@ -32,11 +36,14 @@ from moe_dispatch.spec import MoESpec
 
 # The two runners, in the names plans and policies use.
 KERNELS: tuple[str, ...] = (SMALL_BATCH_KERNEL, LARGE_BATCH_KERNEL)  # ("triton", "triton_kernels")
+# The Triton runner with tuned tile configs: a candidate only with a tuned table (`enable_tuned`).
+TUNED_KERNEL = "triton_tuned"
+ALL_KERNELS: tuple[str, ...] = (*KERNELS, TUNED_KERNEL)
 
 
 def check_kernel(kernel: str) -> str:
-    if kernel not in KERNELS:
-        raise ValueError(f"unknown kernel {kernel!r}; expected one of {KERNELS}")
+    if kernel not in ALL_KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; expected one of {ALL_KERNELS}")
     return kernel
 
 
@@ -134,10 +141,34 @@ class KernelSwitch:
         self._adaptive: weakref.WeakSet[object] = weakref.WeakSet()
         # Spec of the first adaptive layer: keys the plan file (layers of one model share it).
         self.first_spec: MoESpec | None = None
+        # triton_tuned: the tuned table (a moe_dispatch.tuned_configs.TunedTable) and the
+        # UnquantizedFusedMoEMethod objects of the layers it applies to.
+        self.tuned_table: Any = None
+        self._tuned_methods: weakref.WeakSet[object] = weakref.WeakSet()
+
+    @property
+    def kernels(self) -> tuple[str, ...]:
+        """The candidates the start-up measures: the two runners, plus triton_tuned with a table."""
+        return ALL_KERNELS if self.tuned_table is not None else KERNELS
+
+    def enable_tuned(self, table: Any, methods: Iterable[object]) -> None:
+        """Make triton_tuned a candidate: `table`'s configs for the layers whose methods are given."""
+        self.tuned_table = table
+        self._tuned_methods = weakref.WeakSet(methods)
+
+    def tuned_config(self, method: object, num_tokens: int) -> Any:
+        """The table's BucketConfig when this call of `method`'s layer runs triton_tuned, else None."""
+        if self.tuned_table is None or method not in self._tuned_methods:
+            return None
+        if self.kernel_for(num_tokens) != TUNED_KERNEL:
+            return None
+        return self.tuned_table.config_for(num_tokens)
 
     def configure(self, settings: AdaptiveMoESettings) -> None:
         self.settings = settings
         self.rule = static_rule(settings)
+        self.tuned_table = None
+        self._tuned_methods = weakref.WeakSet()
 
     @property
     def forced_kernel(self) -> str | None:

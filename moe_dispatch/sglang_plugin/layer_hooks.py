@@ -36,6 +36,7 @@ from moe_dispatch.backends.triton_kernels_backend import top_k_support
 from moe_dispatch.sglang_plugin import targets
 from moe_dispatch.sglang_plugin.kernel_switch import SWITCH, KernelSwitch
 from moe_dispatch.spec import SILU, Activation, MoESpec, Routing
+from moe_dispatch.tuned_configs import sglang_tile_configs
 
 logger = logging.getLogger("moe_dispatch.sglang_plugin")
 
@@ -62,7 +63,11 @@ def _sgl() -> types.SimpleNamespace:
         TopKOutputChecker=TopKOutputChecker,
         MoeRunnerBackend=MoeRunnerBackend,
         UnquantizedFusedMoEMethod=UnquantizedFusedMoEMethod,
-        formats={"triton": TopKOutputFormat.STANDARD, "triton_kernels": TopKOutputFormat.TRITON_KERNEL},
+        formats={
+            "triton": TopKOutputFormat.STANDARD,
+            "triton_tuned": TopKOutputFormat.STANDARD,
+            "triton_kernels": TopKOutputFormat.TRITON_KERNEL,
+        },
     )
 
 
@@ -110,10 +115,15 @@ def after_create_moe_runner(result: Any, method: Any, layer: Any, moe_runner_con
 
 
 def around_unquant_forward_cuda(original: Any, method: Any, layer: Any, dispatch_output: Any) -> Any:
-    """Run the triton_kernels runner when TopK routed in its format; otherwise the stock path."""
+    """Run the triton_kernels runner when TopK routed in its format; otherwise the stock path,
+    inside the tuned tile configs when this call runs triton_tuned."""
     runner = getattr(method, _TK_RUNNER, None)
     if runner is None or not _sgl().TopKOutputChecker.format_is_triton_kernels(dispatch_output.topk_output):
-        return original(method, layer, dispatch_output)
+        tuned = SWITCH.tuned_config(method, dispatch_output.hidden_states.shape[0])
+        if tuned is None:
+            return original(method, layer, dispatch_output)
+        with sglang_tile_configs(tuned):  # read while SGLang resolves the configs: at capture, once
+            return original(method, layer, dispatch_output)
     info = tk_quant_info(layer)
     # Small calls on views of narrow shards need the persistent kernel (moe_dispatch.backends.tk_flags).
     return call_with_view_flags(

@@ -15,6 +15,7 @@ counts as unset.
     policy           --adaptive-moe-policy {measure,threshold,fixed}     SGLANG_ADAPTIVE_MOE_POLICY
     kernel           --adaptive-moe-kernel {triton,triton_kernels}       SGLANG_ADAPTIVE_MOE_KERNEL
     plan_path        --adaptive-moe-plan PATH                            SGLANG_ADAPTIVE_MOE_PLAN
+    tuned            --adaptive-moe-tuned                                SGLANG_ADAPTIVE_MOE_TUNED
 
 Pure Python: no SGLang, no torch.
 """
@@ -40,6 +41,7 @@ ENV_VARS: Mapping[str, str] = MappingProxyType(
         "policy": "SGLANG_ADAPTIVE_MOE_POLICY",
         "kernel": "SGLANG_ADAPTIVE_MOE_KERNEL",
         "plan_path": "SGLANG_ADAPTIVE_MOE_PLAN",
+        "tuned": "SGLANG_ADAPTIVE_MOE_TUNED",
     }
 )
 
@@ -51,6 +53,7 @@ CLI_DESTS: Mapping[str, str] = MappingProxyType(
         "policy": "adaptive_moe_policy",
         "kernel": "adaptive_moe_kernel",
         "plan_path": "adaptive_moe_plan",
+        "tuned": "adaptive_moe_tuned",
     }
 )
 
@@ -69,6 +72,9 @@ class AdaptiveMoESettings:
         "threshold" applies `batch_threshold`; "fixed" runs `kernel` everywhere.
     kernel: the kernel of policy "fixed" (required there, refused elsewhere).
     plan_path: JSON plan file: a matching one skips the measurement; a measurement is saved there.
+    tuned: policy "measure" also times `triton_tuned` (SGLang's Triton runner with the tile configs
+        of a tuned table for this GPU, Triton version and layer shape; see moe_dispatch.tuned_configs)
+        where such a table exists. Opt-in until it has been checked inside the engine on a GPU.
     """
 
     enabled: bool = False
@@ -76,10 +82,12 @@ class AdaptiveMoESettings:
     policy: str = "measure"
     plan_path: str | None = None
     kernel: str | None = None
+    tuned: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.enabled, bool):
-            raise TypeError(f"enabled must be a bool, got {self.enabled!r}")
+        for name in ("enabled", "tuned"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         threshold = self.batch_threshold
         if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold <= 0:
             raise ValueError(f"batch_threshold must be a positive int, got {threshold!r}")
@@ -89,6 +97,8 @@ class AdaptiveMoESettings:
             raise ValueError(f"policy 'fixed' needs kernel one of {FIXED_KERNELS}, got {self.kernel!r}")
         if self.policy != "fixed" and self.kernel is not None:
             raise ValueError(f"kernel={self.kernel!r} is only used with policy 'fixed', not {self.policy!r}")
+        if self.tuned and self.policy != "measure":
+            raise ValueError(f"tuned=True needs policy 'measure' (it adds a measured candidate), not {self.policy!r}")
         if self.plan_path is not None and (not isinstance(self.plan_path, str) or not self.plan_path.strip()):
             raise ValueError(f"plan_path must be a non-empty path or None, got {self.plan_path!r}")
 
@@ -107,6 +117,8 @@ class AdaptiveMoESettings:
             env[ENV_VARS["kernel"]] = self.kernel
         if self.plan_path is not None:
             env[ENV_VARS["plan_path"]] = self.plan_path
+        if self.tuned:
+            env[ENV_VARS["tuned"]] = "1"
         return env
 
 
@@ -152,6 +164,7 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     """The fields set (non-empty) in `environ`, parsed; errors name the variable."""
     parsers = {
         "enabled": parse_bool,
+        "tuned": parse_bool,
         "batch_threshold": parse_positive_int,
         "policy": parse_policy,
         "kernel": parse_kernel,
@@ -178,7 +191,7 @@ def _threshold_arg(text: str) -> int:
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
-    """Add the five flags to `parser`; every default is None so the environment can fill in."""
+    """Add the six flags to `parser`; every default is None so the environment can fill in."""
     group = parser.add_argument_group("adaptive MoE (moe-dispatch plugin)")
     group.add_argument(
         "--enable-adaptive-moe",
@@ -227,6 +240,17 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         help=(
             "Plan file: a matching one skips the start-up measurement; a new measurement is saved there "
             f"(env {ENV_VARS['plan_path']})."
+        ),
+    )
+    group.add_argument(
+        "--adaptive-moe-tuned",
+        dest=CLI_DESTS["tuned"],
+        action="store_const",
+        const=True,
+        default=None,
+        help=(
+            "Policy measure: also time triton_tuned (Triton fused_moe with a tuned tile table for this GPU "
+            f"and layer shape, where one exists) (env {ENV_VARS['tuned']}; default off)."
         ),
     )
 

@@ -32,7 +32,7 @@ import torch
 
 from moe_dispatch.plan import BucketChoice, Plan, PlanMetadata, load_matching_plan
 from moe_dispatch.sglang_plugin import probe, targets
-from moe_dispatch.sglang_plugin.kernel_switch import KERNELS, SWITCH, KernelSwitch, SizeRule, static_rule
+from moe_dispatch.sglang_plugin.kernel_switch import SWITCH, KernelSwitch, SizeRule, static_rule
 
 logger = logging.getLogger("moe_dispatch.sglang_plugin")
 
@@ -106,7 +106,8 @@ def choose_rule(
     settings = switch.settings
     spec = switch.first_spec
     assert spec is not None
-    metadata = PlanMetadata.current(spec, sizes, KERNELS, world_size)
+    kernels = switch.kernels
+    metadata = PlanMetadata.current(spec, sizes, kernels, world_size)
     plan = load_matching_plan(settings.plan_path, metadata) if settings.plan_path else None
     if not _all_ranks(plan is not None, group):
         plan = None
@@ -114,14 +115,39 @@ def choose_rule(
         switch.rule = SizeRule.from_winners(plan.winners(), f"plan {settings.plan_path}")
         return "plan", 0.0
     start = time.perf_counter()
-    result = probe.probe_sizes(pairs, spec, sizes, switch, group=group, progress=progress)
+    result = probe.probe_sizes(pairs, spec, sizes, switch, group=group, kernels=kernels, progress=progress)
     switch.rule = SizeRule.from_winners(result.winners(), "measured")
     if rank0:
-        logger.info(probe.format_table(result))
+        logger.info(probe.format_table(result, kernels))
         if settings.plan_path:
             path = plan_from_probe(result, metadata).save(os.path.expanduser(settings.plan_path))
             logger.info("adaptive MoE: plan saved to %s (a restart with it skips the measurement)", path)
     return "measured", time.perf_counter() - start
+
+
+def enable_tuned_candidate(pairs: list[tuple[Any, Any]], switch: KernelSwitch, rank0: bool) -> None:
+    """With --adaptive-moe-tuned: make triton_tuned a candidate when a tuned table fits these layers.
+
+    A missing table leaves the two runners (logged); a broken one is logged and ignored. Every TP
+    rank reads the same shipped or $MOE_DISPATCH_TUNED_DIR file, so the candidate lists agree.
+    """
+    from moe_dispatch.tuned_configs import TunedConfigError, find_table, shape_key
+
+    spec = switch.first_spec
+    assert spec is not None
+    try:
+        table = find_table(spec)
+    except TunedConfigError as error:
+        table, why = None, f"tuned table unusable: {error}"
+    else:
+        why = f"no tuned table for {shape_key(spec)} on this GPU and Triton (python -m bench.tune makes one)"
+    if table is None:
+        if rank0:
+            logger.warning("adaptive MoE: triton_tuned is not a candidate: %s", why)
+        return
+    switch.enable_tuned(table, [moe.quant_method for _topk, moe in pairs])
+    if rank0:
+        logger.info("adaptive MoE: triton_tuned is a candidate (tuned buckets %s)", sorted(table.buckets))
 
 
 def before_init_cuda_graphs(model_runner: Any, *args: Any, **kwargs: Any) -> None:
@@ -139,6 +165,8 @@ def before_init_cuda_graphs(model_runner: Any, *args: Any, **kwargs: Any) -> Non
     sizes = sizes_to_measure(decode, prefill, chunked)
     source, measure_s = "fixed" if switch.settings.policy == "fixed" else "threshold", 0.0
     if switch.settings.policy == "measure":
+        if switch.settings.tuned:
+            enable_tuned_candidate(pairs, switch, rank0)
         source, measure_s = choose_rule(pairs, sizes, tp.world_size, group, rank0, switch)
     else:
         switch.rule = static_rule(switch.settings)

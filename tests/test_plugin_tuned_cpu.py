@@ -1,0 +1,174 @@
+"""The plugin's opt-in third candidate, triton_tuned: start-up, the switch and the forward hook (CPU, no SGLang)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import types
+
+import pytest
+
+from moe_dispatch import tuned_configs
+from moe_dispatch.plan import PlanMetadata
+from moe_dispatch.sglang_plugin import layer_hooks, probe, startup
+from moe_dispatch.sglang_plugin.kernel_switch import ALL_KERNELS, KERNELS, TUNED_KERNEL, KernelSwitch, SizeRule
+from moe_dispatch.sglang_plugin.settings import AdaptiveMoESettings
+from moe_dispatch.spec import preset
+from moe_dispatch.tuned_configs import BucketConfig, TileConfig, TunedKey, TunedTable, shape_key
+
+SPEC = preset("gpt-oss-120b", tp=8)
+SMALL = BucketConfig(TileConfig(16, 64, 128, 1, 4, 3), TileConfig(16, 64, 64, 1, 4, 4))
+LARGE = BucketConfig(TileConfig(64, 128, 64, 8, 8, 3), TileConfig(64, 64, 64, 8, 4, 3))
+TABLE = TunedTable(TunedKey("NVIDIA H200", "3.6.0", shape_key(SPEC)), {8: SMALL, 1024: LARGE}, "2026-11-29")
+
+
+class _Method:
+    """Stands for an UnquantizedFusedMoEMethod (weak-referenceable, hashable by identity)."""
+
+
+def _runner(pairs):
+    ns = types.SimpleNamespace
+    server_args = ns(
+        cuda_graph_config=ns(decode=ns(backend="full", bs=[1, 8]), prefill=ns(backend="breakable", bs=[1024])),
+        chunked_prefill_size=1024,
+    )
+    return ns(server_args=server_args, tp_group=ns(world_size=1, cpu_group=None), tp_rank=0, _moe_dispatch_pairs=pairs)
+
+
+@pytest.fixture
+def switch(monkeypatch):
+    switch = KernelSwitch()
+    switch.first_spec = SPEC
+    monkeypatch.setattr(startup, "SWITCH", switch)
+    monkeypatch.setattr(
+        startup.PlanMetadata,
+        "current",
+        staticmethod(
+            lambda spec, sizes, kernels, world: PlanMetadata(
+                "H200", 132, "2.11", "3.6", "0.5.17", "tk", {}, sizes, kernels, world
+            )
+        ),
+    )
+    return switch
+
+
+def _fake_probe(seen):
+    def fake(pairs, spec, sizes, switch, group=None, kernels=KERNELS, progress=None):
+        seen.append(tuple(kernels))
+        winner = {1: "triton", 8: TUNED_KERNEL if TUNED_KERNEL in kernels else "triton"}
+        rows = tuple(probe.SizeTimes(n, dict.fromkeys(kernels, 0.1), winner.get(n, "triton_kernels")) for n in sizes)
+        return probe.ProbeResult(rows, layers=1, seconds=0.1)
+
+    return fake
+
+
+def test_without_a_table_tuned_adds_no_candidate_and_says_why(switch, monkeypatch, caplog):
+    seen: list[tuple[str, ...]] = []
+    monkeypatch.setattr(probe, "probe_sizes", _fake_probe(seen))
+    monkeypatch.setattr(tuned_configs, "find_table", lambda spec: None)
+    switch.configure(AdaptiveMoESettings(enabled=True, tuned=True))
+    with caplog.at_level(logging.INFO, logger="moe_dispatch.sglang_plugin"):
+        startup.before_init_cuda_graphs(_runner([("topk", types.SimpleNamespace(quant_method=_Method()))]))
+    assert seen == [KERNELS] and switch.kernels == KERNELS and switch.tuned_table is None
+    assert "triton_tuned is not a candidate: no tuned table for E=128,H=2880,I=360" in caplog.text
+
+
+def test_a_broken_table_is_logged_and_ignored(switch, monkeypatch, caplog):
+    def broken(spec):
+        raise tuned_configs.TunedConfigError("table.json: checksum mismatch")
+
+    monkeypatch.setattr(probe, "probe_sizes", _fake_probe([]))
+    monkeypatch.setattr(tuned_configs, "find_table", broken)
+    switch.configure(AdaptiveMoESettings(enabled=True, tuned=True))
+    with caplog.at_level(logging.INFO, logger="moe_dispatch.sglang_plugin"):
+        startup.before_init_cuda_graphs(_runner([("topk", types.SimpleNamespace(quant_method=_Method()))]))
+    assert switch.kernels == KERNELS and "tuned table unusable: table.json: checksum mismatch" in caplog.text
+
+
+def test_with_a_table_triton_tuned_is_measured_and_applies_to_the_probed_layers(switch, monkeypatch, caplog):
+    seen: list[tuple[str, ...]] = []
+    monkeypatch.setattr(probe, "probe_sizes", _fake_probe(seen))
+    monkeypatch.setattr(tuned_configs, "find_table", lambda spec: TABLE)
+    tuned_method, other_method = _Method(), _Method()
+    switch.configure(AdaptiveMoESettings(enabled=True, tuned=True))
+    with caplog.at_level(logging.INFO, logger="moe_dispatch.sglang_plugin"):
+        startup.before_init_cuda_graphs(_runner([("topk", types.SimpleNamespace(quant_method=tuned_method))]))
+    assert seen == [ALL_KERNELS] and switch.kernels == ALL_KERNELS
+    assert isinstance(switch.rule, SizeRule) and switch.rule.kernel_for(8) == TUNED_KERNEL
+    assert "triton_tuned is a candidate (tuned buckets [8, 1024])" in caplog.text
+    assert switch.tuned_config(tuned_method, 8) == SMALL  # the rule runs triton_tuned at 8
+    assert switch.tuned_config(tuned_method, 1) is None  # triton at 1: stock configs
+    assert switch.tuned_config(other_method, 8) is None  # not a probed layer
+    with switch.forced(TUNED_KERNEL):
+        assert switch.tuned_config(tuned_method, 1000) == LARGE
+    switch.configure(AdaptiveMoESettings(enabled=True))  # a new configuration forgets the table
+    assert switch.kernels == KERNELS and switch.tuned_config(tuned_method, 8) is None
+
+
+def test_tuned_needs_policy_measure_and_static_policies_never_look(switch, monkeypatch):
+    monkeypatch.setattr(tuned_configs, "find_table", lambda spec: pytest.fail("threshold must not look for a table"))
+    switch.configure(AdaptiveMoESettings(enabled=True, policy="threshold"))
+    startup.before_init_cuda_graphs(_runner([("topk", types.SimpleNamespace(quant_method=_Method()))]))
+    assert switch.kernels == KERNELS
+
+
+@pytest.fixture
+def hook_env(monkeypatch):
+    """layer_hooks with a fake SGLang checker (standard-format routing) and a recording tile-config context."""
+    switch = KernelSwitch()
+    monkeypatch.setattr(layer_hooks, "SWITCH", switch)
+    checker = types.SimpleNamespace(format_is_triton_kernels=lambda topk_output: False)
+    monkeypatch.setattr(layer_hooks, "_sgl", lambda: types.SimpleNamespace(TopKOutputChecker=checker))
+    active: list[BucketConfig] = []
+    entered: list[BucketConfig] = []
+
+    @contextlib.contextmanager
+    def recording(bucket):
+        entered.append(bucket)
+        active.append(bucket)
+        try:
+            yield
+        finally:
+            active.pop()
+
+    monkeypatch.setattr(layer_hooks, "sglang_tile_configs", recording)
+    return switch, active, entered
+
+
+def _dispatch(num_tokens):
+    return types.SimpleNamespace(hidden_states=types.SimpleNamespace(shape=(num_tokens, 2880)), topk_output=None)
+
+
+def test_forward_hook_runs_the_stock_path_inside_the_tuned_configs(hook_env):
+    switch, active, entered = hook_env
+    method = _Method()
+    switch.rule = SizeRule((8, 1024), (TUNED_KERNEL, "triton"))
+    switch.enable_tuned(TABLE, [method])
+    during: list[list[BucketConfig]] = []
+
+    def original(m, layer, dispatch):
+        during.append(list(active))
+        return "out"
+
+    assert layer_hooks.around_unquant_forward_cuda(original, method, "layer", _dispatch(5)) == "out"
+    assert during == [[SMALL]] and entered == [SMALL] and active == []
+    layer_hooks.around_unquant_forward_cuda(original, method, "layer", _dispatch(600))  # rule: triton
+    layer_hooks.around_unquant_forward_cuda(original, _Method(), "layer", _dispatch(5))  # not a tuned layer
+    assert during[1:] == [[], []] and entered == [SMALL]
+
+
+def test_forward_hook_without_a_table_is_stock(hook_env):
+    switch, _active, entered = hook_env
+    switch.rule = SizeRule((8,), ("triton",))
+    calls = []
+    layer_hooks.around_unquant_forward_cuda(lambda *a: calls.append(a), _Method(), "layer", _dispatch(3))
+    assert len(calls) == 1 and entered == []
+
+
+def test_the_serving_benchmarks_tuned_mode_gives_valid_settings():
+    from bench.serving import modes
+    from moe_dispatch.sglang_plugin.settings import from_env
+
+    settings = from_env(modes.overrides("tuned", "/tmp/plan.json"))
+    assert settings.enabled and settings.tuned and settings.policy == "measure"
+    assert settings.plan_path == "/tmp/plan.json"
