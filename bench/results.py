@@ -141,6 +141,15 @@ class BatchResult:
             return None
         return ranked[1][1].median_ms / ranked[0][1].median_ms
 
+    @property
+    def regret(self) -> float | None:
+        """How much slower the adaptive module's choice is than the best kernel, both re-timed side by
+        side here (0.0: it chose the best); None without a choice or without its kernel's timing."""
+        winner = self.winner
+        if self.adaptive_kernel is None or winner is None or self.adaptive_kernel not in self.kernels:
+            return None
+        return self.kernels[self.adaptive_kernel].median_ms / self.kernels[winner].median_ms - 1.0
+
     def ratio_to_floor(self, t: Timing) -> float:
         """t's median over this batch's roofline floor (>= 1 unless the ceilings were underestimated)."""
         if self.floor.seconds <= 0:

@@ -46,7 +46,7 @@ def markdown_table(shard: ShardResult, ceilings: Ceilings) -> str:
         ["T", "routing", "touched experts"]
         + [f"{k} us" for k in kernels]
         + [f"{k} eager us" for k in eager_kernels]
-        + ["adaptive us", "1536 rule us", "winner", "margin", "floor us"]
+        + ["adaptive us", "1536 rule us", "winner", "margin", "regret", "floor us"]
         + [f"{k}/floor" for k in kernels]
         + ["adaptive/floor", "rule/floor"]
     )
@@ -73,6 +73,7 @@ def markdown_table(shard: ShardResult, ceilings: Ceilings) -> str:
                 f"{_us(b.static_rule.median_ms)} {b.static_rule_kernel}" if b.static_rule else "-",
                 b.winner or "-",
                 f"{margin:.2f}x" if margin is not None else "-",
+                f"{b.regret:.1%}" if b.regret is not None else "-",
                 f"{_us(b.floor.seconds * 1e3)} {_BOUND_SHORT[b.floor.bound]}",
             ]
             + [_ratio_cell(b, b.kernels.get(k)) for k in kernels]
@@ -84,7 +85,8 @@ def markdown_table(shard: ShardResult, ceilings: Ceilings) -> str:
         "Times in us: median (p20-p80) of CUDA-graph replays. "
         "Floor = max((touched experts' weight bytes + activation bytes) / "
         f"{ceilings.hbm_bytes_per_s / 1e12:.2f} TB/s, flops / {ceilings.bf16_flops_per_s / 1e12:.0f} TFLOP/s); "
-        "mem/flop names the larger term. Margin = runner-up / winner.",
+        "mem/flop names the larger term. Margin = runner-up / winner. Regret = the adaptive module's "
+        "kernel over the winner, both from the side-by-side columns (the adaptive column is its own replay path).",
     ]
     if footnotes:
         lines += ["", "Errors (not timed):", "", *footnotes]

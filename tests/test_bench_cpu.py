@@ -166,7 +166,10 @@ def test_winner_margin_ratio():
     t = Timing(0.020, 0.019, 0.022)
     assert b1.ratio_to_floor(t) == pytest.approx(0.020e-3 / b1.floor.seconds)
     empty = _batch(TINY, 0, "uniform", 0, kernels={})
-    assert empty.winner is None and empty.margin is None
+    assert empty.winner is None and empty.margin is None and empty.regret is None
+    assert b1.regret == pytest.approx(0.0) and b4096.regret == pytest.approx(0.0)  # chose the winners
+    chose_slower = dataclasses.replace(b1, adaptive_kernel="triton_kernels")
+    assert chose_slower.regret == pytest.approx(0.5)  # triton_kernels 1.5x the winner triton
     with pytest.raises(ValueError, match="zero"):
         empty.ratio_to_floor(t)
 
@@ -238,6 +241,7 @@ def test_markdown_table_rows_and_footnote():
         "1536 rule us",
         "winner",
         "margin",
+        "regret",
         "floor us",
         "triton/floor",
         "triton_kernels/floor",
