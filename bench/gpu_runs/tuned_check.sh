@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# GPU calls for the tuned Triton candidate (one 10-minute call each; logs and results in $OUT, few files:
+# the device returns only a handful, so folders are packed into tarballs).
+#   source .gpu-deps/env.sh && bash bench/gpu_runs/tuned_check.sh tests
+#       the GPU tier parts not yet run with triton_tuned: plugin (incl. triton_tuned in the layer hooks),
+#       small_batch, triton_kernels views; then the engine logits test (needs MOE_DISPATCH_GPU_ENGINE=1
+#       before sourcing env.sh)
+#   source .gpu-deps/env.sh && bash bench/gpu_runs/tuned_check.sh tune PRESET TP BUCKETS SECONDS
+#       e.g. tune gpt-oss-120b 2 1,8,32,128,1024 420: tune (resuming from $STATE if carried), then
+#       `make bench` for those buckets with every candidate side by side
+set -u
+OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"; export PYTHONUNBUFFERED=1
+STATE="${STATE:-bench/results/tune-state.jsonl}"  # in the tree, so a later call can carry it back in
+step() {  # seconds, name, command...
+  local limit="$1" name="$2"; shift 2
+  echo "=== $name (limit ${limit}s) ==="; local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
+  echo "rc=$rc in $((SECONDS - t0)) s"; tail -n 12 "$OUT/$name.log"
+}
+python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
+case "${1:-}" in
+  tests)
+    step 150 plugin_gpu python3 -m pytest -q -p no:logging -m gpu tests/test_plugin_gpu.py
+    step 170 small_batch_gpu python3 -m pytest -q -p no:logging -m gpu tests/test_small_batch_gpu.py
+    step 60 tk_views_gpu python3 -m pytest -q -p no:logging -m gpu tests/test_triton_kernels_views_gpu.py
+    step 180 engine_gpu python3 -m pytest -q -p no:logging -m gpu tests/test_engine_gpu.py
+    ;;
+  tune)
+    preset="$2" tp="$3" buckets="$4" budget="$5"
+    mkdir -p "$OUT/tune"
+    step $((budget + 30)) tune python3 -m bench.tune --preset "$preset" --tp "$tp" --buckets "$buckets" \
+      --time-budget "$budget" --state "$STATE" --out "$OUT/tuned" --report "$OUT/tune/report.md"
+    cp "$STATE" "$OUT/tune/state.jsonl" 2>/dev/null
+    step 120 bench env MOE_DISPATCH_TUNED_DIR="$OUT/tuned" python3 -m bench --preset "$preset" --tp "$tp" \
+      --batch-sizes "$buckets" --out "$OUT/bench" --no-plot
+    tar czf "$OUT/tuned.tgz" -C "$OUT" tuned tune bench && rm -rf "$OUT/tuned" "$OUT/tune" "$OUT/bench"
+    ;;
+  *) echo "usage: $0 tests | tune PRESET TP BUCKETS SECONDS" >&2; exit 2 ;;
+esac
