@@ -210,8 +210,8 @@ def test_layer_matches_stock_with_each_backend(sglang_env, layers, weights, num_
 
 @pytest.mark.parametrize("num_tokens", (7, 300))
 def test_layer_runs_triton_tuned_with_the_tables_configs(sglang_env, layers, weights, num_tokens, monkeypatch):
-    """--adaptive-moe-tuned: a tuned layer, forced to triton_tuned, launches the table's configs and
-    matches stock Triton; a layer the table was not enabled for keeps SGLang's own configs."""
+    """--adaptive-moe-extra-kernels triton_tuned: a tuned layer, forced to triton_tuned, launches the
+    table's configs and matches stock Triton; a layer the table was not enabled for keeps SGLang's own."""
     from moe_dispatch.tuned_configs import BucketConfig, TileConfig, TunedKey, TunedTable, shape_key
     from tests.cases import spy_fused_moe_configs
 
@@ -237,6 +237,26 @@ def test_layer_runs_triton_tuned_with_the_tables_configs(sglang_env, layers, wei
         assert launched and launched[0] != bucket.up.to_sglang()
     finally:
         switch.enable_tuned(None, [])  # no table: triton_tuned is no candidate again
+
+
+@pytest.mark.parametrize("num_tokens", (1, 7, 32))
+def test_layer_runs_small_batch_on_its_own_weights(sglang_env, layers, weights, num_tokens):
+    """--adaptive-moe-extra-kernels small_batch: a layer forced to small_batch reads its own weights and
+    the router logits of SGLang's top-k output, and matches stock Triton and the reference."""
+    from moe_dispatch.sglang_plugin import extras
+
+    switch = sglang_env
+    (topk, moe), stock_triton, _stock_tk = layers
+    x, logits = random_inputs(SPEC, num_tokens, device="cuda", seed=50 + num_tokens)
+    assert extras.enable_small_batch([(topk, moe)], switch) is None
+    try:
+        with switch.forced("small_batch"):
+            out = forward(topk, moe, x, logits)
+        ref = reference_moe(SPEC, weights, x, logits)
+        assert_close(out, ref, SPEC.dtype, f"plugin small_batch vs reference T={num_tokens}")
+        assert_close(out, forward(*stock_triton, x, logits), SPEC.dtype, f"plugin small_batch vs stock T={num_tokens}")
+    finally:
+        switch.enable_small_batch({})
 
 
 def test_unsupported_layers_are_refused(sglang_env, layers):

@@ -54,7 +54,7 @@ def test_env_var_names_cover_every_field():
         "policy": "SGLANG_ADAPTIVE_MOE_POLICY",
         "plan_path": "SGLANG_ADAPTIVE_MOE_PLAN",
         "kernel": "SGLANG_ADAPTIVE_MOE_KERNEL",
-        "tuned": "SGLANG_ADAPTIVE_MOE_TUNED",
+        "extra_kernels": "SGLANG_ADAPTIVE_MOE_EXTRA_KERNELS",
     }
 
 
@@ -161,7 +161,7 @@ def test_env_bad_policy_names_var_and_value():
         AdaptiveMoESettings(),
         AdaptiveMoESettings(True, 7, "threshold", "plans/gpt-oss.json"),
         AdaptiveMoESettings(enabled=True, policy="measure"),
-        AdaptiveMoESettings(enabled=True, policy="measure", tuned=True),
+        AdaptiveMoESettings(enabled=True, policy="measure", extra_kernels=("small_batch", "triton_tuned")),
     ],
 )
 def test_to_env_round_trip(settings):
@@ -271,17 +271,22 @@ def test_help_mentions_env_vars(capsys):
         assert var in out
 
 
-def test_tuned_parses_from_env_and_cli_and_needs_policy_measure():
-    tuned = ENV_VARS["tuned"]
-    assert from_env({ENABLED: "1", tuned: "yes"}).tuned is True
-    assert from_env({ENABLED: "1", tuned: "0"}).tuned is False
-    with pytest.raises(ValueError, match=tuned):
-        from_env({tuned: "maybe"})
-    with pytest.raises(ValueError, match="needs policy 'measure'"):
-        AdaptiveMoESettings(enabled=True, policy="threshold", tuned=True)
-    with pytest.raises(TypeError, match="tuned must be a bool"):
-        AdaptiveMoESettings(tuned="1")
+def test_extra_kernels_parse_from_env_and_cli_and_need_policy_measure():
+    extra = ENV_VARS["extra_kernels"]
+    parsed = from_env({ENABLED: "1", extra: " Triton_Tuned, small_batch,"})
+    assert parsed.extra_kernels == ("triton_tuned", "small_batch")
+    assert from_env({ENABLED: "1", extra: " "}).extra_kernels == ()
+    with pytest.raises(ValueError, match=f"{extra} names unknown kernels \\['flashinfer'\\]"):
+        from_env({extra: "flashinfer"})
+    with pytest.raises(ValueError, match="need policy 'measure'"):
+        AdaptiveMoESettings(enabled=True, policy="threshold", extra_kernels=("small_batch",))
+    for bad in (["small_batch"], ("small_batch", "small_batch"), ("torch",)):
+        with pytest.raises(ValueError, match="extra_kernels must be a tuple of distinct names"):
+            AdaptiveMoESettings(extra_kernels=bad)
     parser = argparse.ArgumentParser()
     add_cli_args(parser)
-    assert from_cli_namespace(parser.parse_args(["--adaptive-moe-tuned"]), {}).tuned is True
-    assert from_cli_namespace(parser.parse_args([]), {tuned: "1"}).tuned is True
+    ns = parser.parse_args(["--adaptive-moe-extra-kernels", "small_batch"])
+    assert from_cli_namespace(ns, {extra: "triton_tuned"}).extra_kernels == ("small_batch",)  # the flag wins
+    assert from_cli_namespace(parser.parse_args([]), {extra: "triton_tuned"}).extra_kernels == ("triton_tuned",)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--adaptive-moe-extra-kernels", "fastest"])

@@ -8,6 +8,9 @@
 #   source .gpu-deps/env.sh && bash bench/gpu_runs/tuned_check.sh tune PRESET TP BUCKETS SECONDS
 #       e.g. tune gpt-oss-120b 2 1,8,32,128,1024 420: tune (resuming from $STATE if carried), then
 #       `make bench` for those buckets with every candidate side by side
+#   MOE_DISPATCH_GPU_ENGINE=1 source .gpu-deps/env.sh && bash bench/gpu_runs/tuned_check.sh serving [MODEL]
+#       the serving benchmark with modes off, measure and extra (--adaptive-moe-extra-kernels
+#       triton_tuned,small_batch)
 set -u
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"; export PYTHONUNBUFFERED=1
 STATE="${STATE:-bench/results/tune-state.jsonl}"  # in the tree, so a later call can carry it back in
@@ -35,5 +38,10 @@ case "${1:-}" in
       --batch-sizes "$buckets" --out "$OUT/bench" --no-plot
     tar czf "$OUT/tuned.tgz" -C "$OUT" tuned tune bench && rm -rf "$OUT/tuned" "$OUT/tune" "$OUT/bench"
     ;;
-  *) echo "usage: $0 tests | tune PRESET TP BUCKETS SECONDS" >&2; exit 2 ;;
+  serving)  # MOE_DISPATCH_GPU_ENGINE=1 before sourcing env.sh; the opt-in candidates in SGLang's engine
+    step 560 serving make bench-serving PYTHON=python3 SERVING_ARGS="--models ${2:-gpt-oss-120b:tp8} \
+      --modes off,measure,extra --time-budget 530 --out out/serving --results $OUT/results"
+    tar czf "$OUT/serving-runs.tgz" -C out/serving runs runs.jsonl session.json 2>/dev/null
+    ;;
+  *) echo "usage: $0 tests | tune PRESET TP BUCKETS SECONDS | serving [MODEL]" >&2; exit 2 ;;
 esac

@@ -12,8 +12,8 @@ names are the contract with the plugin (`moe_dispatch.sglang_plugin.settings`):
     threshold       SGLANG_ADAPTIVE_MOE=1, POLICY=threshold, BATCH_THRESHOLD=1536: the old static rule
     triton          SGLANG_ADAPTIVE_MOE=1, POLICY=fixed, KERNEL=triton
     triton_kernels  SGLANG_ADAPTIVE_MOE=1, POLICY=fixed, KERNEL=triton_kernels
-    tuned           SGLANG_ADAPTIVE_MOE=1, POLICY=measure, TUNED=1, PLAN=<fresh path>: a first start that
-                    also measures triton_tuned (where a tuned table fits the model's layers)
+    extra           SGLANG_ADAPTIVE_MOE=1, POLICY=measure, EXTRA_KERNELS=triton_tuned,small_batch,
+                    PLAN=<fresh path>: a first start that also measures the opt-in candidates
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ POLICY = "SGLANG_ADAPTIVE_MOE_POLICY"
 PLAN = "SGLANG_ADAPTIVE_MOE_PLAN"
 THRESHOLD = "SGLANG_ADAPTIVE_MOE_BATCH_THRESHOLD"
 KERNEL = "SGLANG_ADAPTIVE_MOE_KERNEL"
-TUNED = "SGLANG_ADAPTIVE_MOE_TUNED"
-ENV_NAMES = (ENABLED, POLICY, PLAN, THRESHOLD, KERNEL, TUNED)
+EXTRA_KERNELS = "SGLANG_ADAPTIVE_MOE_EXTRA_KERNELS"
+ENV_NAMES = (ENABLED, POLICY, PLAN, THRESHOLD, KERNEL, EXTRA_KERNELS)
 STATIC_THRESHOLD = 1536
 
 
@@ -67,7 +67,12 @@ MODES: Mapping[str, Mode] = MappingProxyType(
                 _ON | {POLICY: "fixed", KERNEL: "triton_kernels"},
                 description="fixed: triton_kernels",
             ),
-            Mode("tuned", _ON | {POLICY: "measure", TUNED: "1"}, "write", "first start, triton_tuned measured too"),
+            Mode(
+                "extra",
+                _ON | {POLICY: "measure", EXTRA_KERNELS: "triton_tuned,small_batch"},
+                "write",
+                "first start, triton_tuned and small_batch measured too",
+            ),
         )
     }
 )

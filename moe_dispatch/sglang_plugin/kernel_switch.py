@@ -14,10 +14,11 @@ eager batches. The rule is one of:
     ThresholdRule  policy "threshold": triton below the threshold, triton_kernels from it
     FixedRule      policy "fixed": one kernel everywhere
 The switch also holds the set of TopK modules that are adaptive (paired with an
-unquantized FusedMoE); every other TopK runs stock. With `--adaptive-moe-tuned` and a tuned
-table for the layers' shape, a third kernel, `triton_tuned` (the Triton runner with the table's
-tile configs), joins the measured candidates for the layers whose methods `enable_tuned` got.
-Pure Python, no SGLang.
+unquantized FusedMoE); every other TopK runs stock. With `--adaptive-moe-extra-kernels`, more
+candidates join the measured ones for the layers given to `enable_tuned` / `enable_small_batch`:
+`triton_tuned` (the Triton runner with a tuned table's tile configs) and `small_batch` (our
+decode kernel, called with the router logits of SGLang's standard top-k output). Pure Python,
+no SGLang.
 """
 
 from __future__ import annotations
@@ -36,9 +37,11 @@ from moe_dispatch.spec import MoESpec
 
 # The two runners, in the names plans and policies use.
 KERNELS: tuple[str, ...] = (SMALL_BATCH_KERNEL, LARGE_BATCH_KERNEL)  # ("triton", "triton_kernels")
-# The Triton runner with tuned tile configs: a candidate only with a tuned table (`enable_tuned`).
+# Opt-in candidates: the Triton runner with tuned tile configs (`enable_tuned`), our decode kernel
+# (`enable_small_batch`).
 TUNED_KERNEL = "triton_tuned"
-ALL_KERNELS: tuple[str, ...] = (*KERNELS, TUNED_KERNEL)
+SMALL_BATCH_BACKEND = "small_batch"
+ALL_KERNELS: tuple[str, ...] = (*KERNELS, TUNED_KERNEL, SMALL_BATCH_BACKEND)
 
 
 def check_kernel(kernel: str) -> str:
@@ -145,11 +148,24 @@ class KernelSwitch:
         # UnquantizedFusedMoEMethod objects of the layers it applies to.
         self.tuned_table: Any = None
         self._tuned_methods: weakref.WeakSet[object] = weakref.WeakSet()
+        # small_batch: UnquantizedFusedMoEMethod -> its layer's prepared small_batch kernel.
+        self._small_batch: weakref.WeakKeyDictionary[object, Any] = weakref.WeakKeyDictionary()
 
     @property
     def kernels(self) -> tuple[str, ...]:
-        """The candidates the start-up measures: the two runners, plus triton_tuned with a table."""
-        return ALL_KERNELS if self.tuned_table is not None else KERNELS
+        """The candidates the start-up measures: the two runners, plus each enabled extra one."""
+        extra = (TUNED_KERNEL,) * (self.tuned_table is not None) + (SMALL_BATCH_BACKEND,) * bool(self._small_batch)
+        return (*KERNELS, *extra)
+
+    def enable_small_batch(self, kernels: Mapping[object, Any]) -> None:
+        """Make small_batch a candidate: {UnquantizedFusedMoEMethod: its layer's small_batch kernel}."""
+        self._small_batch = weakref.WeakKeyDictionary(kernels)
+
+    def small_batch_kernel(self, method: object, num_tokens: int) -> Any:
+        """`method`'s small_batch kernel when this call of its layer runs small_batch, else None."""
+        if not self._small_batch or self.kernel_for(num_tokens) != SMALL_BATCH_BACKEND:
+            return None
+        return self._small_batch.get(method)
 
     def enable_tuned(self, table: Any, methods: Iterable[object]) -> None:
         """Make triton_tuned a candidate: `table`'s configs for the layers whose methods are given."""
@@ -169,6 +185,7 @@ class KernelSwitch:
         self.rule = static_rule(settings)
         self.tuned_table = None
         self._tuned_methods = weakref.WeakSet()
+        self._small_batch = weakref.WeakKeyDictionary()
 
     @property
     def forced_kernel(self) -> str | None:

@@ -42,8 +42,8 @@ def around_from_cli_args(original: Any, cls: type, args: argparse.Namespace) -> 
     if given:
         resolved = settings_mod.from_cli_namespace(args, os.environ)
         os.environ.update(resolved.to_env())
-        for field in ("plan_path", "kernel", "tuned"):  # unset fields leave no stale variable behind
-            if getattr(resolved, field) in (None, False):
+        for field in ("plan_path", "kernel", "extra_kernels"):  # unset fields leave no stale variable behind
+            if getattr(resolved, field) in (None, ()):
                 os.environ.pop(settings_mod.ENV_VARS[field], None)
     return original(cls, args)
 

@@ -50,6 +50,7 @@ def _sgl() -> types.SimpleNamespace:
     from sglang.srt.layers.moe.fused_moe_triton.layer import FusedMoE
     from sglang.srt.layers.moe.moe_runner.runner import MoeRunner
     from sglang.srt.layers.moe.moe_runner.triton_kernels import TritonKernelsQuantInfo
+    from sglang.srt.layers.moe.token_dispatcher.standard import StandardCombineInput
     from sglang.srt.layers.moe.topk import TopK, TopKOutputChecker, TopKOutputFormat
     from sglang.srt.layers.moe.utils import MoeRunnerBackend
     from sglang.srt.layers.quantization.unquant import UnquantizedFusedMoEMethod
@@ -61,11 +62,13 @@ def _sgl() -> types.SimpleNamespace:
         TritonKernelsQuantInfo=TritonKernelsQuantInfo,
         TopK=TopK,
         TopKOutputChecker=TopKOutputChecker,
+        StandardCombineInput=StandardCombineInput,
         MoeRunnerBackend=MoeRunnerBackend,
         UnquantizedFusedMoEMethod=UnquantizedFusedMoEMethod,
         formats={
             "triton": TopKOutputFormat.STANDARD,
             "triton_tuned": TopKOutputFormat.STANDARD,
+            "small_batch": TopKOutputFormat.STANDARD,  # it reads the router logits this output carries
             "triton_kernels": TopKOutputFormat.TRITON_KERNEL,
         },
     )
@@ -115,11 +118,17 @@ def after_create_moe_runner(result: Any, method: Any, layer: Any, moe_runner_con
 
 
 def around_unquant_forward_cuda(original: Any, method: Any, layer: Any, dispatch_output: Any) -> Any:
-    """Run the triton_kernels runner when TopK routed in its format; otherwise the stock path,
-    inside the tuned tile configs when this call runs triton_tuned."""
+    """Run the triton_kernels runner when TopK routed in its format; otherwise small_batch when this
+    call runs it, else the stock path (inside the tuned tile configs when the call runs triton_tuned)."""
     runner = getattr(method, _TK_RUNNER, None)
     if runner is None or not _sgl().TopKOutputChecker.format_is_triton_kernels(dispatch_output.topk_output):
-        tuned = SWITCH.tuned_config(method, dispatch_output.hidden_states.shape[0])
+        num_tokens = dispatch_output.hidden_states.shape[0]
+        small = SWITCH.small_batch_kernel(method, num_tokens)
+        if small is not None:
+            out = run_small_batch(small, dispatch_output)
+            if out is not None:
+                return _sgl().StandardCombineInput(hidden_states=out)
+        tuned = SWITCH.tuned_config(method, num_tokens)
         if tuned is None:
             return original(method, layer, dispatch_output)
         with sglang_tile_configs(tuned):  # read while SGLang resolves the configs: at capture, once
@@ -133,6 +142,25 @@ def around_unquant_forward_cuda(original: Any, method: Any, layer: Any, dispatch
         info.w13_weight,
         info.w2_weight,
     )
+
+
+_warned_logits: set[str] = set()
+
+
+def run_small_batch(kernel: Any, dispatch_output: Any) -> torch.Tensor | None:
+    """small_batch on the call's hidden states and router logits; None (the caller runs the stock
+    path, logged once) when the top-k output carries no logits of the kernel's dtype."""
+    logits = getattr(dispatch_output.topk_output, "router_logits", None)
+    hidden = dispatch_output.hidden_states
+    if logits is None or logits.dtype != hidden.dtype or logits.dim() != 2:
+        why = "no router logits" if logits is None else f"router logits {logits.dtype} {tuple(logits.shape)}"
+        if why not in _warned_logits:
+            _warned_logits.add(why)
+            logger.warning(
+                "adaptive MoE: small_batch needs %s router logits [T, E], got %s; ran Triton", hidden.dtype, why
+            )
+        return None
+    return kernel(hidden, logits)
 
 
 def around_topk_forward_cuda(

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from graphs.measure import Measurement, TimingPlan, measure_buckets
+from moe_dispatch.backends.registry import candidate_at
 from moe_dispatch.sglang_plugin.kernel_switch import KERNELS, KernelSwitch
 from moe_dispatch.spec import MoESpec
 from moe_dispatch.weights import random_inputs
@@ -121,6 +122,7 @@ def probe_sizes(
                 timing=timing_for,
                 progress=progress,
                 group=group,
+                eligible=candidate_at,  # small_batch only up to its max_tokens
             )
             rows = tuple(
                 SizeTimes(r.bucket, {k: s.median_ms for k, s in r.timings_ms.items()}, r.winner)

@@ -15,7 +15,7 @@ counts as unset.
     policy           --adaptive-moe-policy {measure,threshold,fixed}     SGLANG_ADAPTIVE_MOE_POLICY
     kernel           --adaptive-moe-kernel {triton,triton_kernels}       SGLANG_ADAPTIVE_MOE_KERNEL
     plan_path        --adaptive-moe-plan PATH                            SGLANG_ADAPTIVE_MOE_PLAN
-    tuned            --adaptive-moe-tuned                                SGLANG_ADAPTIVE_MOE_TUNED
+    extra_kernels    --adaptive-moe-extra-kernels K[,K]                  SGLANG_ADAPTIVE_MOE_EXTRA_KERNELS
 
 Pure Python: no SGLang, no torch.
 """
@@ -31,6 +31,8 @@ from typing import Any
 POLICIES: tuple[str, ...] = ("measure", "threshold", "fixed")
 # The runners one layer switches between (policy "fixed" names one of them).
 FIXED_KERNELS: tuple[str, ...] = ("triton", "triton_kernels")
+# Candidates policy "measure" may add (opt-in until each has run inside the engine on a GPU).
+EXTRA_KERNELS: tuple[str, ...] = ("triton_tuned", "small_batch")
 DEFAULT_BATCH_THRESHOLD = 1536
 
 # Field name -> environment variable.
@@ -41,7 +43,7 @@ ENV_VARS: Mapping[str, str] = MappingProxyType(
         "policy": "SGLANG_ADAPTIVE_MOE_POLICY",
         "kernel": "SGLANG_ADAPTIVE_MOE_KERNEL",
         "plan_path": "SGLANG_ADAPTIVE_MOE_PLAN",
-        "tuned": "SGLANG_ADAPTIVE_MOE_TUNED",
+        "extra_kernels": "SGLANG_ADAPTIVE_MOE_EXTRA_KERNELS",
     }
 )
 
@@ -53,7 +55,7 @@ CLI_DESTS: Mapping[str, str] = MappingProxyType(
         "policy": "adaptive_moe_policy",
         "kernel": "adaptive_moe_kernel",
         "plan_path": "adaptive_moe_plan",
-        "tuned": "adaptive_moe_tuned",
+        "extra_kernels": "adaptive_moe_extra_kernels",
     }
 )
 
@@ -72,9 +74,10 @@ class AdaptiveMoESettings:
         "threshold" applies `batch_threshold`; "fixed" runs `kernel` everywhere.
     kernel: the kernel of policy "fixed" (required there, refused elsewhere).
     plan_path: JSON plan file: a matching one skips the measurement; a measurement is saved there.
-    tuned: policy "measure" also times `triton_tuned` (SGLang's Triton runner with the tile configs
-        of a tuned table for this GPU, Triton version and layer shape; see moe_dispatch.tuned_configs)
-        where such a table exists. Opt-in until it has been checked inside the engine on a GPU.
+    extra_kernels: candidates policy "measure" times beside the two runners, where they can run:
+        "triton_tuned" (SGLang's Triton runner with the tile configs of a tuned table for this GPU,
+        Triton version and layer shape; see moe_dispatch.tuned_configs) and "small_batch" (our
+        decode kernel, up to its max_tokens). Opt-in until each has run inside the engine on a GPU.
     """
 
     enabled: bool = False
@@ -82,12 +85,14 @@ class AdaptiveMoESettings:
     policy: str = "measure"
     plan_path: str | None = None
     kernel: str | None = None
-    tuned: bool = False
+    extra_kernels: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("enabled", "tuned"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.enabled, bool):
+            raise TypeError(f"enabled must be a bool, got {self.enabled!r}")
+        extra = self.extra_kernels
+        if not isinstance(extra, tuple) or any(k not in EXTRA_KERNELS for k in extra) or len(set(extra)) != len(extra):
+            raise ValueError(f"extra_kernels must be a tuple of distinct names from {EXTRA_KERNELS}, got {extra!r}")
         threshold = self.batch_threshold
         if isinstance(threshold, bool) or not isinstance(threshold, int) or threshold <= 0:
             raise ValueError(f"batch_threshold must be a positive int, got {threshold!r}")
@@ -97,8 +102,8 @@ class AdaptiveMoESettings:
             raise ValueError(f"policy 'fixed' needs kernel one of {FIXED_KERNELS}, got {self.kernel!r}")
         if self.policy != "fixed" and self.kernel is not None:
             raise ValueError(f"kernel={self.kernel!r} is only used with policy 'fixed', not {self.policy!r}")
-        if self.tuned and self.policy != "measure":
-            raise ValueError(f"tuned=True needs policy 'measure' (it adds a measured candidate), not {self.policy!r}")
+        if extra and self.policy != "measure":
+            raise ValueError(f"extra_kernels {extra} need policy 'measure' (they are measured), not {self.policy!r}")
         if self.plan_path is not None and (not isinstance(self.plan_path, str) or not self.plan_path.strip()):
             raise ValueError(f"plan_path must be a non-empty path or None, got {self.plan_path!r}")
 
@@ -117,8 +122,8 @@ class AdaptiveMoESettings:
             env[ENV_VARS["kernel"]] = self.kernel
         if self.plan_path is not None:
             env[ENV_VARS["plan_path"]] = self.plan_path
-        if self.tuned:
-            env[ENV_VARS["tuned"]] = "1"
+        if self.extra_kernels:
+            env[ENV_VARS["extra_kernels"]] = ",".join(self.extra_kernels)
         return env
 
 
@@ -160,11 +165,27 @@ def parse_kernel(text: str, *, name: str = "value") -> str:
     return word
 
 
+def parse_extra_kernels(text: str, *, name: str = "value") -> tuple[str, ...]:
+    """ "triton_tuned,small_batch" -> a tuple of `EXTRA_KERNELS` names (case-insensitive, order kept)."""
+    words = tuple(dict.fromkeys(w.strip().lower() for w in text.split(",") if w.strip()))
+    unknown = [w for w in words if w not in EXTRA_KERNELS]
+    if unknown:
+        raise ValueError(f"{name} names unknown kernels {unknown}; expected some of {'/'.join(EXTRA_KERNELS)}")
+    return words
+
+
+def _extra_kernels_arg(text: str) -> tuple[str, ...]:
+    try:
+        return parse_extra_kernels(text, name="--adaptive-moe-extra-kernels")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     """The fields set (non-empty) in `environ`, parsed; errors name the variable."""
     parsers = {
         "enabled": parse_bool,
-        "tuned": parse_bool,
+        "extra_kernels": parse_extra_kernels,
         "batch_threshold": parse_positive_int,
         "policy": parse_policy,
         "kernel": parse_kernel,
@@ -243,14 +264,14 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         ),
     )
     group.add_argument(
-        "--adaptive-moe-tuned",
-        dest=CLI_DESTS["tuned"],
-        action="store_const",
-        const=True,
+        "--adaptive-moe-extra-kernels",
+        dest=CLI_DESTS["extra_kernels"],
+        type=_extra_kernels_arg,
         default=None,
+        metavar="K[,K]",
         help=(
-            "Policy measure: also time triton_tuned (Triton fused_moe with a tuned tile table for this GPU "
-            f"and layer shape, where one exists) (env {ENV_VARS['tuned']}; default off)."
+            f"Policy measure: also time these candidates ({', '.join(EXTRA_KERNELS)}) where they can run "
+            f"(env {ENV_VARS['extra_kernels']}; default none)."
         ),
     )
 

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from moe_dispatch.plan import BucketChoice, Plan, PlanMetadata, load_matching_plan
-from moe_dispatch.sglang_plugin import probe, targets
+from moe_dispatch.sglang_plugin import extras, probe, targets
 from moe_dispatch.sglang_plugin.kernel_switch import SWITCH, KernelSwitch, SizeRule, static_rule
 
 logger = logging.getLogger("moe_dispatch.sglang_plugin")
@@ -125,31 +125,6 @@ def choose_rule(
     return "measured", time.perf_counter() - start
 
 
-def enable_tuned_candidate(pairs: list[tuple[Any, Any]], switch: KernelSwitch, rank0: bool) -> None:
-    """With --adaptive-moe-tuned: make triton_tuned a candidate when a tuned table fits these layers.
-
-    A missing table leaves the two runners (logged); a broken one is logged and ignored. Every TP
-    rank reads the same shipped or $MOE_DISPATCH_TUNED_DIR file, so the candidate lists agree.
-    """
-    from moe_dispatch.tuned_configs import TunedConfigError, find_table, shape_key
-
-    spec = switch.first_spec
-    assert spec is not None
-    try:
-        table = find_table(spec)
-    except TunedConfigError as error:
-        table, why = None, f"tuned table unusable: {error}"
-    else:
-        why = f"no tuned table for {shape_key(spec)} on this GPU and Triton (python -m bench.tune makes one)"
-    if table is None:
-        if rank0:
-            logger.warning("adaptive MoE: triton_tuned is not a candidate: %s", why)
-        return
-    switch.enable_tuned(table, [moe.quant_method for _topk, moe in pairs])
-    if rank0:
-        logger.info("adaptive MoE: triton_tuned is a candidate (tuned buckets %s)", sorted(table.buckets))
-
-
 def before_init_cuda_graphs(model_runner: Any, *args: Any, **kwargs: Any) -> None:
     """Set this process's rule before SGLang captures prefill and decode graphs."""
     switch = SWITCH
@@ -165,8 +140,7 @@ def before_init_cuda_graphs(model_runner: Any, *args: Any, **kwargs: Any) -> Non
     sizes = sizes_to_measure(decode, prefill, chunked)
     source, measure_s = "fixed" if switch.settings.policy == "fixed" else "threshold", 0.0
     if switch.settings.policy == "measure":
-        if switch.settings.tuned:
-            enable_tuned_candidate(pairs, switch, rank0)
+        extras.enable(switch.settings.extra_kernels, pairs, switch, rank0)
         source, measure_s = choose_rule(pairs, sizes, tp.world_size, group, rank0, switch)
     else:
         switch.rule = static_rule(switch.settings)

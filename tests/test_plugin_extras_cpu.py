@@ -1,4 +1,4 @@
-"""The plugin's opt-in third candidate, triton_tuned: start-up, the switch and the forward hook (CPU, no SGLang)."""
+"""The plugin's opt-in candidates (triton_tuned, small_batch): start-up, switch, forward hook (CPU, no SGLang)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,25 @@ import logging
 import types
 
 import pytest
+import torch
 
 from moe_dispatch import tuned_configs
 from moe_dispatch.plan import PlanMetadata
 from moe_dispatch.sglang_plugin import layer_hooks, probe, startup
-from moe_dispatch.sglang_plugin.kernel_switch import ALL_KERNELS, KERNELS, TUNED_KERNEL, KernelSwitch, SizeRule
+from moe_dispatch.sglang_plugin.kernel_switch import (
+    KERNELS,
+    SMALL_BATCH_BACKEND,
+    TUNED_KERNEL,
+    KernelSwitch,
+    SizeRule,
+)
 from moe_dispatch.sglang_plugin.settings import AdaptiveMoESettings
 from moe_dispatch.spec import preset
 from moe_dispatch.tuned_configs import BucketConfig, TileConfig, TunedKey, TunedTable, shape_key
+from tests.cases import Case
 
 SPEC = preset("gpt-oss-120b", tp=8)
+TINY = Case(0, 4, True, "swiglu").spec()  # GPT-OSS-like (biases, SwiGLU), small enough to fill on the CPU
 SMALL = BucketConfig(TileConfig(16, 64, 128, 1, 4, 3), TileConfig(16, 64, 64, 1, 4, 4))
 LARGE = BucketConfig(TileConfig(64, 128, 64, 8, 8, 3), TileConfig(64, 64, 64, 8, 4, 3))
 TABLE = TunedTable(TunedKey("NVIDIA H200", "3.6.0", shape_key(SPEC)), {8: SMALL, 1024: LARGE}, "2026-11-29")
@@ -66,7 +75,7 @@ def test_without_a_table_tuned_adds_no_candidate_and_says_why(switch, monkeypatc
     seen: list[tuple[str, ...]] = []
     monkeypatch.setattr(probe, "probe_sizes", _fake_probe(seen))
     monkeypatch.setattr(tuned_configs, "find_table", lambda spec: None)
-    switch.configure(AdaptiveMoESettings(enabled=True, tuned=True))
+    switch.configure(AdaptiveMoESettings(enabled=True, extra_kernels=("triton_tuned",)))
     with caplog.at_level(logging.INFO, logger="moe_dispatch.sglang_plugin"):
         startup.before_init_cuda_graphs(_runner([("topk", types.SimpleNamespace(quant_method=_Method()))]))
     assert seen == [KERNELS] and switch.kernels == KERNELS and switch.tuned_table is None
@@ -79,7 +88,7 @@ def test_a_broken_table_is_logged_and_ignored(switch, monkeypatch, caplog):
 
     monkeypatch.setattr(probe, "probe_sizes", _fake_probe([]))
     monkeypatch.setattr(tuned_configs, "find_table", broken)
-    switch.configure(AdaptiveMoESettings(enabled=True, tuned=True))
+    switch.configure(AdaptiveMoESettings(enabled=True, extra_kernels=("triton_tuned",)))
     with caplog.at_level(logging.INFO, logger="moe_dispatch.sglang_plugin"):
         startup.before_init_cuda_graphs(_runner([("topk", types.SimpleNamespace(quant_method=_Method()))]))
     assert switch.kernels == KERNELS and "tuned table unusable: table.json: checksum mismatch" in caplog.text
@@ -90,12 +99,12 @@ def test_with_a_table_triton_tuned_is_measured_and_applies_to_the_probed_layers(
     monkeypatch.setattr(probe, "probe_sizes", _fake_probe(seen))
     monkeypatch.setattr(tuned_configs, "find_table", lambda spec: TABLE)
     tuned_method, other_method = _Method(), _Method()
-    switch.configure(AdaptiveMoESettings(enabled=True, tuned=True))
+    switch.configure(AdaptiveMoESettings(enabled=True, extra_kernels=("triton_tuned",)))
     with caplog.at_level(logging.INFO, logger="moe_dispatch.sglang_plugin"):
         startup.before_init_cuda_graphs(_runner([("topk", types.SimpleNamespace(quant_method=tuned_method))]))
-    assert seen == [ALL_KERNELS] and switch.kernels == ALL_KERNELS
+    assert seen == [(*KERNELS, TUNED_KERNEL)] and switch.kernels == (*KERNELS, TUNED_KERNEL)
     assert isinstance(switch.rule, SizeRule) and switch.rule.kernel_for(8) == TUNED_KERNEL
-    assert "triton_tuned is a candidate (tuned buckets [8, 1024])" in caplog.text
+    assert "triton_tuned is a candidate for 1 layer(s)" in caplog.text
     assert switch.tuned_config(tuned_method, 8) == SMALL  # the rule runs triton_tuned at 8
     assert switch.tuned_config(tuned_method, 1) is None  # triton at 1: stock configs
     assert switch.tuned_config(other_method, 8) is None  # not a probed layer
@@ -165,10 +174,97 @@ def test_forward_hook_without_a_table_is_stock(hook_env):
     assert len(calls) == 1 and entered == []
 
 
-def test_the_serving_benchmarks_tuned_mode_gives_valid_settings():
+def test_the_serving_benchmarks_extra_mode_gives_valid_settings():
     from bench.serving import modes
     from moe_dispatch.sglang_plugin.settings import from_env
 
-    settings = from_env(modes.overrides("tuned", "/tmp/plan.json"))
-    assert settings.enabled and settings.tuned and settings.policy == "measure"
+    settings = from_env(modes.overrides("extra", "/tmp/plan.json"))
+    assert settings.enabled and settings.extra_kernels == ("triton_tuned", "small_batch")
+    assert settings.policy == "measure"
     assert settings.plan_path == "/tmp/plan.json"
+
+
+# --- small_batch --------------------------------------------------------------------------------
+
+
+def _layer(spec, bias_dtype=torch.float32):
+    """A FusedMoE stand-in: SGLang's Triton-layout parameters (w13 [E, 2I, H], w2 [E, H, I], fp32 biases)."""
+    E, H, I = spec.num_experts, spec.hidden_size, spec.intermediate_size
+    moe = types.SimpleNamespace(
+        w13_weight=torch.randn(E, 2 * I, H, dtype=spec.dtype),
+        w2_weight=torch.randn(E, H, I, dtype=spec.dtype),
+        quant_method=_Method(),
+    )
+    if spec.bias:
+        moe.w13_weight_bias = torch.randn(E, 2 * I, dtype=bias_dtype)
+        moe.w2_weight_bias = torch.randn(E, H, dtype=bias_dtype)
+    return moe
+
+
+class _FakeSmallBatch:
+    """Records what it was prepared with and called with; returns a recognisable output."""
+
+    def __init__(self):
+        self.prepared = []
+
+    def prepare(self, spec, weights):
+        weights.check(spec)  # the real backend's first step: shapes and dtypes as SGLang holds them
+        self.prepared.append((spec, weights))
+        return lambda hidden, logits: hidden * 0 + logits.sum()
+
+
+def test_small_batch_is_prepared_over_each_layers_own_weights(switch, monkeypatch, caplog):
+    import moe_dispatch.backends as backends
+
+    fake = _FakeSmallBatch()
+    monkeypatch.setattr(backends, "get_backend", lambda name: fake if name == SMALL_BATCH_BACKEND else None)
+    monkeypatch.setattr(probe, "probe_sizes", _fake_probe([]))
+    layers = [_layer(TINY), _layer(TINY)]
+    switch.first_spec = TINY
+    switch.configure(AdaptiveMoESettings(enabled=True, extra_kernels=("small_batch",)))
+    with caplog.at_level(logging.INFO, logger="moe_dispatch.sglang_plugin"):
+        startup.before_init_cuda_graphs(_runner([("topk", moe) for moe in layers]))
+    assert switch.kernels == (*KERNELS, SMALL_BATCH_BACKEND)
+    assert "small_batch is a candidate for 2 layer(s)" in caplog.text
+    for (spec, weights), moe in zip(fake.prepared, layers, strict=True):
+        assert spec == TINY and weights.w13 is moe.w13_weight and weights.b2 is moe.w2_weight_bias  # no copies
+
+
+def test_small_batch_refused_by_a_layer_is_logged_and_left_out(switch, monkeypatch, caplog):
+    import moe_dispatch.backends as backends
+
+    monkeypatch.setattr(backends, "get_backend", lambda name: _FakeSmallBatch())
+    monkeypatch.setattr(probe, "probe_sizes", _fake_probe([]))
+    switch.first_spec = TINY
+    switch.configure(AdaptiveMoESettings(enabled=True, extra_kernels=("small_batch",)))
+    with caplog.at_level(logging.INFO, logger="moe_dispatch.sglang_plugin"):
+        startup.before_init_cuda_graphs(_runner([("topk", _layer(TINY, bias_dtype=torch.bfloat16))]))
+    assert switch.kernels == KERNELS
+    assert "small_batch is not a candidate: weights.b13 has dtype torch.bfloat16, expected torch.float32" in caplog.text
+
+
+def test_forward_hook_runs_small_batch_on_the_router_logits(hook_env, monkeypatch):
+    switch, _active, entered = hook_env
+    combined = []
+    sgl = types.SimpleNamespace(
+        TopKOutputChecker=types.SimpleNamespace(format_is_triton_kernels=lambda topk_output: False),
+        StandardCombineInput=lambda hidden_states: combined.append(hidden_states) or "combined",
+    )
+    monkeypatch.setattr(layer_hooks, "_sgl", lambda: sgl)
+    method, calls = _Method(), []
+    switch.rule = SizeRule((8, 64), (SMALL_BATCH_BACKEND, "triton"))
+    switch.enable_small_batch({method: lambda hidden, logits: calls.append((hidden, logits)) or hidden + 1})
+    hidden, logits = torch.zeros(5, 4, dtype=torch.bfloat16), torch.randn(5, 16, dtype=torch.bfloat16)
+    dispatch = types.SimpleNamespace(hidden_states=hidden, topk_output=types.SimpleNamespace(router_logits=logits))
+
+    def stock(*args):
+        return "stock"
+
+    assert layer_hooks.around_unquant_forward_cuda(stock, method, "layer", dispatch) == "combined"
+    assert calls[0][1] is logits and torch.equal(combined[0], hidden + 1)
+    assert layer_hooks.around_unquant_forward_cuda(stock, _Method(), "layer", dispatch) == "stock"  # not enabled
+    wide = types.SimpleNamespace(hidden_states=torch.zeros(40, 4, dtype=torch.bfloat16), topk_output=None)
+    assert layer_hooks.around_unquant_forward_cuda(stock, method, "layer", wide) == "stock"  # rule: triton
+    fp32 = types.SimpleNamespace(hidden_states=hidden, topk_output=types.SimpleNamespace(router_logits=logits.float()))
+    assert layer_hooks.around_unquant_forward_cuda(stock, method, "layer", fp32) == "stock"  # logged, stock path
+    assert len(calls) == 1 and entered == []

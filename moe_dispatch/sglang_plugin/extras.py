@@ -1,0 +1,73 @@
+"""Opt-in candidates beside the two runners (`--adaptive-moe-extra-kernels`), set up at start-up.
+
+    triton_tuned  a tuned table (moe_dispatch.tuned_configs) for the layers' shape, this GPU and
+                  Triton version -> the Triton runner runs inside the table's tile configs
+    small_batch   our decode kernel (moe_dispatch.backends.small_batch), prepared per layer over
+                  the layer's own Triton-layout weights (no copy); it routes from the router
+                  logits that SGLang's standard top-k output carries
+
+Each one that cannot run here is logged with the reason and left out; the start-up probe then
+measures the candidates that remain (`KernelSwitch.kernels`). Every TP rank decides alike (same
+files, same layers), so the candidate lists agree.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from moe_dispatch.sglang_plugin.kernel_switch import SMALL_BATCH_BACKEND, TUNED_KERNEL, KernelSwitch
+
+logger = logging.getLogger("moe_dispatch.sglang_plugin")
+
+
+def enable(names: Sequence[str], pairs: list[tuple[Any, Any]], switch: KernelSwitch, rank0: bool) -> None:
+    """Enable each requested extra candidate that can run on these (TopK, FusedMoE) pairs."""
+    for name in names:
+        reason = {TUNED_KERNEL: enable_tuned, SMALL_BATCH_BACKEND: enable_small_batch}[name](pairs, switch)
+        if rank0:
+            if reason is None:
+                logger.info("adaptive MoE: %s is a candidate for %d layer(s)", name, len(pairs))
+            else:
+                logger.warning("adaptive MoE: %s is not a candidate: %s", name, reason)
+
+
+def enable_tuned(pairs: list[tuple[Any, Any]], switch: KernelSwitch) -> str | None:
+    """triton_tuned from the tuned table for `switch.first_spec`; None when enabled, else why not."""
+    from moe_dispatch.tuned_configs import TunedConfigError, find_table, shape_key
+
+    spec = switch.first_spec
+    assert spec is not None
+    try:
+        table = find_table(spec)
+    except TunedConfigError as error:
+        return f"tuned table unusable: {error}"
+    if table is None:
+        return f"no tuned table for {shape_key(spec)} on this GPU and Triton (python -m bench.tune makes one)"
+    switch.enable_tuned(table, [moe.quant_method for _topk, moe in pairs])
+    return None
+
+
+def enable_small_batch(pairs: list[tuple[Any, Any]], switch: KernelSwitch) -> str | None:
+    """small_batch over each layer's weights; None when enabled, else why not (any layer refused)."""
+    from moe_dispatch.backends import get_backend
+    from moe_dispatch.weights import ExpertWeights
+
+    spec = switch.first_spec
+    assert spec is not None
+    backend = get_backend(SMALL_BATCH_BACKEND)
+    kernels = {}
+    for _topk, moe in pairs:
+        weights = ExpertWeights(
+            w13=moe.w13_weight,
+            w2=moe.w2_weight,
+            b13=getattr(moe, "w13_weight_bias", None),
+            b2=getattr(moe, "w2_weight_bias", None),
+        )
+        try:
+            kernels[moe.quant_method] = backend.prepare(spec, weights)
+        except (TypeError, ValueError) as error:
+            return str(error)
+    switch.enable_small_batch(kernels)
+    return None
