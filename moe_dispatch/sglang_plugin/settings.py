@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -174,13 +174,6 @@ def parse_extra_kernels(text: str, *, name: str = "value") -> tuple[str, ...]:
     return words
 
 
-def _extra_kernels_arg(text: str) -> tuple[str, ...]:
-    try:
-        return parse_extra_kernels(text, name="--adaptive-moe-extra-kernels")
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     """The fields set (non-empty) in `environ`, parsed; errors name the variable."""
     parsers = {
@@ -204,11 +197,16 @@ def from_env(environ: Mapping[str, str]) -> AdaptiveMoESettings:
     return AdaptiveMoESettings(**_env_overrides(environ))
 
 
-def _threshold_arg(text: str) -> int:
-    try:
-        return parse_positive_int(text, name="--adaptive-moe-batch-threshold")
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+def _cli_type(parse: Callable[..., Any], flag: str) -> Callable[[str], Any]:
+    """An argparse `type` from one of the parsers above: its ValueError, naming `flag`, becomes a usage error."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text, name=flag)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return convert
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -227,7 +225,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--adaptive-moe-batch-threshold",
         dest=CLI_DESTS["batch_threshold"],
-        type=_threshold_arg,
+        type=_cli_type(parse_positive_int, "--adaptive-moe-batch-threshold"),
         default=None,
         metavar="N",
         help=(
@@ -266,7 +264,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--adaptive-moe-extra-kernels",
         dest=CLI_DESTS["extra_kernels"],
-        type=_extra_kernels_arg,
+        type=_cli_type(parse_extra_kernels, "--adaptive-moe-extra-kernels"),
         default=None,
         metavar="K[,K]",
         help=(
