@@ -182,12 +182,8 @@ def _per_mode(
     return _table(header + (["plugin source"] if source else []), rows, left=1)
 
 
-def _number(value: float | None, fmt: str) -> str:
-    return "-" if value is None else format(value, fmt)
-
-
-def _times(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}x"
+def _number(value: float | None, fmt: str, suffix: str = "") -> str:
+    return "-" if value is None else format(value, fmt) + suffix
 
 
 def markdown(session: Session, model: str, summaries: dict[str, ModeSummary]) -> str:
@@ -229,7 +225,7 @@ def markdown(session: Session, model: str, summaries: dict[str, ModeSummary]) ->
     ]
     warm = (
         ("warm start s", lambda m: _number(summaries[m].warm_start_s, ".1f")),
-        ("warm vs off", lambda m: _times(warm_vs_off(summaries, m))),
+        ("warm vs off", lambda m: _number(warm_vs_off(summaries, m), ".2f", "x")),
     )
     lines += _per_mode(summaries, startup, "graph_s", source=True, extra=warm)
     lines += [

@@ -154,8 +154,8 @@ class KernelSwitch:
     @property
     def kernels(self) -> tuple[str, ...]:
         """The candidates the start-up measures: the two runners, plus each enabled extra one."""
-        extra = (TUNED_KERNEL,) * (self.tuned_table is not None) + (SMALL_BATCH_BACKEND,) * bool(self._small_batch)
-        return (*KERNELS, *extra)
+        enabled = {TUNED_KERNEL: self.tuned_table is not None, SMALL_BATCH_BACKEND: bool(self._small_batch)}
+        return (*KERNELS, *(name for name, on in enabled.items() if on))
 
     def enable_small_batch(self, kernels: Mapping[object, Any]) -> None:
         """Make small_batch a candidate: {UnquantizedFusedMoEMethod: its layer's small_batch kernel}."""
