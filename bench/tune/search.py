@@ -271,12 +271,11 @@ class BucketSearch:
         if best == (default, default):
             return outcome(kept, "default kept")
         stored = (up_ms, best_ms, default_ms)
-        if default_ms is None:  # the default cannot run: nothing to confirm against
-            pass
-        elif not self.settings.confirm_rounds:
+        # When the default cannot run (default_ms None) there is nothing to compare with: the check decides.
+        if default_ms is not None and not self.settings.confirm_rounds:
             if not best_ms < default_ms * (1 - self.settings.min_gain):
                 return outcome(kept, "default kept")
-        else:
+        elif default_ms is not None:
             confirm = self._confirm((default, default), best)
             if confirm.best_failed is not None:
                 return outcome(kept, "default kept", f"the tuned pair failed in the confirm: {confirm.best_failed}")
