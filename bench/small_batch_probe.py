@@ -8,7 +8,7 @@ Prints a Markdown table; `--out PATH` writes the rows as JSON with the GPU and v
 
 `--configs`: sweep mode. Per shard and T, a coordinate search over `SmallBatchConfig`:
 first the gate/up knobs (down knobs from the table), then the down knobs with the best
-gate/up; prints the best per T, to copy into `launch.CONFIGS`.
+gate/up, then that pair with and without PDL; prints the best per T, to copy into `launch.CONFIGS`.
 """
 
 from __future__ import annotations
@@ -29,8 +29,17 @@ TOKENS = (1, 2, 4, 8, 16, 32)
 TARGETS_US = {("gpt-oss-120b", 8, 1): 12.0, ("gpt-oss-120b", 8, 8): 60.0, ("gpt-oss-120b", 2, 1): 35.0}
 # Sweep grid: rows, columns and (warps, stages, unroll) of each launch.
 LOOPS = ((4, 1, False), (4, 3, False), (8, 2, False), (4, 1, True))
-UP_KNOBS = {"block_n": (2, 4, 8, 16), "block_k": (128, 256, 512), "up": LOOPS}
-DOWN_KNOBS = {"block_h": (4, 8, 16, 32), "block_i": (64, 128, 256, 512), "down": LOOPS}
+GRIDS = {  # name -> (gate/up knobs, down knobs)
+    "full": (
+        {"block_n": (2, 4, 8, 16), "block_k": (128, 256, 512), "up": LOOPS},
+        {"block_h": (4, 8, 16, 32), "block_i": (64, 128, 256, 512), "down": LOOPS},
+    ),
+    # around what the full grid found at 1-8 tokens (narrow tiles, short loops unrolled): 8 + 8 points
+    "narrow": (
+        {"block_n": (2, 4), "block_k": (128, 256), "up": ((4, 3, False), (4, 1, True))},
+        {"block_h": (4, 8), "block_i": (128, 256), "down": ((4, 3, False), (4, 1, True))},
+    ),
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,6 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--configs", action="store_true", help="sweep SmallBatchConfig per T instead of comparing")
     p.add_argument("--sweep-replays", type=int, default=50, help="timed replays per config in --configs mode")
+    p.add_argument("--grid", choices=sorted(GRIDS), default="full", help="--configs: the knob grid searched")
     p.add_argument("--time-budget", type=float, default=480, help="--configs: start no new (shard, T) after this (s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
@@ -196,8 +206,10 @@ def sweep_one(spec, weights, label: dict, T: int, args, say) -> list[dict]:
 
     default = config_for(T)
     table_us = run(default) if math.isfinite(run(default)) else None
-    best = min(_candidates(default, UP_KNOBS, "up"), key=run)
-    best = min(_candidates(best, DOWN_KNOBS, "down"), key=run)
+    up_knobs, down_knobs = GRIDS[args.grid]
+    best = min(_candidates(default, up_knobs, "up"), key=run)
+    best = min(_candidates(best, down_knobs, "down"), key=run)
+    best = min((best, dataclasses.replace(best, pdl=not best.pdl)), key=run)  # with and without PDL
     say(
         f"[{spec.name}] T={T}: table {default.describe()} {table_us:.1f} us -> "
         f"best {best.describe()} {run(best):.1f} us ({len(tried)} configs)"

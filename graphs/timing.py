@@ -3,11 +3,19 @@
 Each replay (or call) gets its own pair of events so the spread (p20/p80) is real,
 not an average smeared over a loop. The host synchronizes once, after the last pair,
 so the timed launches queue back to back as they would in serving.
+
+A queue only forms when the host launches faster than the GPU runs. A ~15 us graph
+replayed through a dispatch call whose Python takes longer starves the GPU: each start
+event fires at once and the GPU then waits for the launch, so host time would be read as
+GPU time. So the timed launches sit behind a GPU-side wait (`torch.cuda._sleep`) long
+enough for the host to enqueue them all (`hold_ms`, from the host's measured enqueue
+rate during warm-up); the GPU then runs them back to back, as inside a model's graph.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
@@ -82,12 +90,46 @@ def _check_counts(warmup: int, repeats: int) -> None:
         raise ValueError(f"repeats={repeats}; expected >= 1")
 
 
+HOST_US_UNKNOWN = 50.0  # assumed host cost per call (us) when no warm-up measured it
+HOLD_CAP_MS = 50.0  # the GPU-side wait never exceeds this (a host slower than that is not hidden)
+
+
+def hold_ms(host_us_per_call: float, repeats: int) -> float:
+    """GPU-side wait (ms) that lets the host enqueue `repeats` calls (plus their events) before the
+    first timed one runs: 1.5x the measured host rate plus 0.2 ms, capped at HOLD_CAP_MS."""
+    if not math.isfinite(host_us_per_call) or host_us_per_call < 0:
+        raise ValueError(f"host_us_per_call={host_us_per_call}; expected a finite time >= 0")
+    return min(HOLD_CAP_MS, 0.2 + 1.5 * host_us_per_call * repeats / 1e3)
+
+
+_cycles_per_ms: dict[int, float] = {}
+
+
+def _sleep_cycles_per_ms() -> float:
+    """GPU clock cycles of `torch.cuda._sleep` per ms on the current device (measured once)."""
+    device = torch.cuda.current_device()
+    if device not in _cycles_per_ms:
+        cycles = 1_000_000
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(cycles)  # first call loads the kernel
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        end.synchronize()
+        _cycles_per_ms[device] = cycles / max(start.elapsed_time(end), 1e-3)
+    return _cycles_per_ms[device]
+
+
 def _time_on_current_stream(fn: Callable[[], object], warmup: int, repeats: int) -> ReplayStats:
+    began = time.perf_counter()
     for _ in range(warmup):
         fn()
+    host_us = (time.perf_counter() - began) * 1e6 / warmup if warmup else HOST_US_UNKNOWN
     # Events are made up front so creating them is not inside the timed region.
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    cycles_per_ms = _sleep_cycles_per_ms()
+    torch.cuda._sleep(int(hold_ms(host_us, repeats) * cycles_per_ms))
     for start, end in zip(starts, ends, strict=True):
         start.record()
         fn()

@@ -129,6 +129,17 @@ def test_replay_stats_json_round_trip():
         ReplayStats.from_json({**s.to_json(), "samples": 0})
 
 
+def test_hold_covers_the_host_enqueue_and_is_capped():
+    from graphs.timing import HOLD_CAP_MS, hold_ms
+
+    assert hold_ms(0.0, 100) == pytest.approx(0.2)  # a floor even for a free host
+    assert hold_ms(20.0, 100) == pytest.approx(0.2 + 3.0)  # 1.5 x 100 calls x 20 us
+    assert hold_ms(400.0, 1000) == HOLD_CAP_MS
+    for bad in (-1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="host_us_per_call"):
+            hold_ms(bad, 10)
+
+
 # ---- selection -----------------------------------------------------------------------------
 
 

@@ -303,3 +303,26 @@ def test_recapture_returns_the_losers_memory_and_replays_bitwise():
     report = g.capture()
     assert report.recapture_seconds == 0.0
     assert report.pool_bytes_winners == report.pool_bytes_all_variants >= BIG_BYTES
+
+
+def test_timing_reads_gpu_time_when_the_host_is_slower_than_the_graph():
+    """A call whose host side takes 300 us around a ~10 us graph: the timed GPU time must stay
+    near the bare replay's (the GPU-side hold lets the host queue the calls), not read ~300 us."""
+    import time
+
+    from graphs import capture, time_callable, time_replays
+
+    w, x = _static()
+    stream = torch.cuda.Stream()
+    graph = capture(lambda a: a @ w, (x,), torch.cuda.graph_pool_handle(), stream).graph
+
+    def slow_host_replay():
+        deadline = time.perf_counter() + 300e-6
+        while time.perf_counter() < deadline:
+            pass
+        graph.replay()
+
+    bare = time_replays(graph, warmup=10, replays=50).median_ms
+    slow = time_callable(slow_host_replay, warmup=10, repeats=50).median_ms
+    assert bare < 0.1, f"bare replay {bare * 1e3:.1f} us; expected a small graph"
+    assert slow < 0.1, f"slow-host replay read {slow * 1e3:.1f} us of GPU time (bare {bare * 1e3:.1f} us)"

@@ -311,7 +311,10 @@ def test_config_is_validated_data():
         SmallBatchConfig(up_warps=64)
     with pytest.raises(ValueError, match="down_unroll must be a bool, got 1"):
         SmallBatchConfig(down_unroll=1)
+    with pytest.raises(ValueError, match="pdl must be a bool"):
+        SmallBatchConfig(pdl="yes")
     assert SmallBatchConfig(block_n=4, up_stages=3, down_unroll=True).describe() == "n4k256w4s3-h16i128w4u"
+    assert SmallBatchConfig(pdl=True).describe().endswith("-pdl")
     bounds = [bound for bound, _ in CONFIGS]
     assert bounds == sorted(bounds)
     assert config_for(1) is CONFIGS[0][1] and config_for(10**9) is CONFIGS[-1][1]

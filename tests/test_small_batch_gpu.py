@@ -103,6 +103,32 @@ def test_graph_replay_on_new_inputs(case: Case):
     check_replays(captured, (static_x, static_logits), spec, weights, inputs_for, (11, 12), f"replay {case.id}", kernel)
 
 
+@pytest.mark.parametrize("name, tp", [("gpt-oss-120b", 8), ("qwen3-30b-a3b", 1)])
+def test_pdl_launch_matches_without(name: str, tp: int):
+    """Down launched with PDL (it waits for gate_up inside): the same bits as without, eager and
+    replayed in a graph, and within tolerance of the reference."""
+    import dataclasses
+    import functools
+
+    from moe_dispatch.backends.small_batch.backend import SmallBatchBackend
+    from moe_dispatch.backends.small_batch.launch import config_for
+
+    spec = preset(name, tp=tp)
+    weights = ExpertWeights.random(spec, device="cuda", seed=5)
+    for T in (1, 8, 29):
+        plain = config_for(T)
+        with_pdl = SmallBatchBackend(dataclasses.replace(plain, pdl=True)).prepare(spec, weights)
+        without = SmallBatchBackend(dataclasses.replace(plain, pdl=False)).prepare(spec, weights)
+        x, logits = untied_inputs(spec, T, seed=20 + T)
+        out = with_pdl(x, logits)
+        assert torch.equal(out, without(x, logits)), f"{spec.name} T={T}: PDL changed the result"
+        assert_close(out, reference_moe(spec, weights, x, logits), spec.dtype, f"{spec.name} T={T} pdl")
+        static = (x.clone(), logits.clone())
+        captured = capture(with_pdl, list(static), torch.cuda.graph_pool_handle(), torch.cuda.Stream())
+        inputs_for = functools.partial(untied_inputs, spec, T)
+        check_replays(captured, static, spec, weights, inputs_for, (31, 32), f"pdl replay T={T}", with_pdl)
+
+
 def test_rejects_cpu_input():
     spec = Case(4, 2, True, "swiglu").spec()
     kernel = make_kernel(KERNEL, spec, ExpertWeights.random(spec, device="cuda"))

@@ -2,9 +2,10 @@
 # GPU calls for the tuned Triton candidate (one 10-minute call each; logs and results in $OUT, few files:
 # the device returns only a handful, so folders are packed into tarballs).
 #   source .gpu-deps/env.sh && bash bench/gpu_runs/tuned_check.sh tests
-#       the GPU tier parts not yet run with triton_tuned: plugin (incl. triton_tuned in the layer hooks),
-#       small_batch, triton_kernels views; then the engine logits test (needs MOE_DISPATCH_GPU_ENGINE=1
-#       before sourcing env.sh)
+#       GPU tiers of graphs (timing), small_batch (incl. PDL) and the plugin (incl. triton_tuned and
+#       small_batch in the layer hooks); a narrow small_batch config sweep; the small_batch probe
+#   MOE_DISPATCH_GPU_ENGINE=1 source .gpu-deps/env.sh && bash bench/gpu_runs/tuned_check.sh engine
+#       the triton_kernels views tier and the engine logits test
 #   source .gpu-deps/env.sh && bash bench/gpu_runs/tuned_check.sh tune PRESET TP BUCKETS SECONDS
 #       e.g. tune gpt-oss-120b 2 1,8,32,128,1024 420: tune (resuming from $STATE if carried), then
 #       `make bench` for those buckets with every candidate side by side
@@ -22,9 +23,16 @@ step() {  # seconds, name, command...
 }
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 case "${1:-}" in
-  tests)
+  tests)  # graphs (timing), small_batch (incl. PDL), plugin GPU tiers; then small_batch configs around the best
+    step 50 graphs_gpu python3 -m pytest -q -p no:logging -m gpu tests/test_graphs_gpu.py
+    step 170 small_batch_gpu env MOE_DISPATCH_ERROR_TABLE="$OUT/small_batch_errors.jsonl" \
+      python3 -m pytest -q -p no:logging -m gpu tests/test_small_batch_gpu.py
     step 150 plugin_gpu python3 -m pytest -q -p no:logging -m gpu tests/test_plugin_gpu.py
-    step 170 small_batch_gpu python3 -m pytest -q -p no:logging -m gpu tests/test_small_batch_gpu.py
+    step 110 small_batch_sweep python3 -m bench.small_batch_probe --configs --grid narrow \
+      --presets gpt-oss-120b:8,gpt-oss-120b:2 --tokens 1,8 --time-budget 90 --out "$OUT/small_batch_sweep.json"
+    step 80 small_batch_probe python3 -m bench.small_batch_probe --out "$OUT/small_batch_probe.json"
+    ;;
+  engine)  # MOE_DISPATCH_GPU_ENGINE=1 before sourcing env.sh: the engine logits test and the views tier
     step 60 tk_views_gpu python3 -m pytest -q -p no:logging -m gpu tests/test_triton_kernels_views_gpu.py
     step 180 engine_gpu python3 -m pytest -q -p no:logging -m gpu tests/test_engine_gpu.py
     ;;
@@ -43,5 +51,5 @@ case "${1:-}" in
       --modes off,measure,extra --time-budget 530 --out out/serving --results $OUT/results"
     tar czf "$OUT/serving-runs.tgz" -C out/serving runs runs.jsonl session.json 2>/dev/null
     ;;
-  *) echo "usage: $0 tests | tune PRESET TP BUCKETS SECONDS | serving [MODEL]" >&2; exit 2 ;;
+  *) echo "usage: $0 tests | engine | tune PRESET TP BUCKETS SECONDS | serving [MODEL]" >&2; exit 2 ;;
 esac

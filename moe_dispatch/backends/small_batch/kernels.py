@@ -30,6 +30,11 @@ weight tile read once into tensor-core tiles) win. Grouping here would need the 
 sorted or compacted by expert (another launch, or a scan in every program). Routing is
 likewise recomputed by every gate/up program (E logits) instead of costing a launch.
 
+PDL (programmatic dependent launch, Hopper and newer; `SmallBatchConfig.pdl`): gate_up lets
+its dependent start at once (`gdc_launch_dependents`) and down, launched with `launch_pdl`,
+waits (`gdc_wait`) for gate_up's completion and memory before its first read of gate_up's
+outputs, so down's launch and start-up overlap gate_up's tail instead of following it.
+
 Rows past the end of a tile (I or H not a multiple of the block) are clamped to the
 last valid row instead of masked: the loads stay unmasked and vectorized, and the
 duplicate rows are dropped by the masked store.
@@ -116,7 +121,10 @@ def gate_up_kernel(
     BLOCK_K: tl.constexpr,
     STAGES: tl.constexpr,
     UNROLL: tl.constexpr,
+    PDL: tl.constexpr,  # let the dependent down launch start now (it waits for our results itself)
 ):
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     pair = tl.program_id(0)
     tile = tl.program_id(1)
     token = pair // TOP_K
@@ -210,11 +218,14 @@ def down_kernel(
     BLOCK_I: tl.constexpr,
     STAGES: tl.constexpr,
     UNROLL: tl.constexpr,
+    PDL: tl.constexpr,  # launched with launch_pdl: wait for gate_up before reading its outputs
 ):
     token = tl.program_id(0)
     tile = tl.program_id(1)
     offs_h = tile * BLOCK_H + tl.arange(0, BLOCK_H)  # output columns [BLOCK_H]
     rows = tl.minimum(offs_h, H - 1)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     # One accumulator for all k experts: the routing weight scales the intermediate row
     # ([BLOCK_I] multiplies) so a single reduction at the end gives the weighted sum.
     acc = tl.zeros([BLOCK_H, BLOCK_I], dtype=tl.float32)

@@ -40,6 +40,8 @@ class SmallBatchConfig:
     its weight-streaming loop (`tl.range(num_stages=...)`; 1 = no pipelining).
     *_unroll: unroll that loop fully instead (stages then unused): all its loads can
     be in flight at once; for short loops (I=360 is 3 steps of 128).
+    pdl: launch down with programmatic dependent launch (sm_90+): its launch and start-up
+    overlap gate_up's tail (see `kernels`). Ignored under the interpreter and before sm_90.
     """
 
     block_n: int = 8
@@ -52,11 +54,12 @@ class SmallBatchConfig:
     down_warps: int = 4
     down_stages: int = 2
     down_unroll: bool = False
+    pdl: bool = False
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if field.name.endswith("_unroll"):
+            if field.name.endswith("_unroll") or field.name == "pdl":
                 if not isinstance(value, bool):
                     raise ValueError(f"SmallBatchConfig.{field.name} must be a bool, got {value!r}")
             elif field.name.endswith("_stages"):
@@ -69,11 +72,13 @@ class SmallBatchConfig:
                 raise ValueError(f"SmallBatchConfig.{field} must be <= 32, got {getattr(self, field)}")
 
     def describe(self) -> str:
-        """Short name, e.g. n4k256w4s3-h8i128w4u: tiles, warps, then s<stages> or u (unrolled)."""
+        """Short name, e.g. n4k256w4s3-h8i128w4u(-pdl): tiles, warps, then s<stages> or u (unrolled)."""
         up = "u" if self.up_unroll else f"s{self.up_stages}"
         down = "u" if self.down_unroll else f"s{self.down_stages}"
+        pdl = "-pdl" if self.pdl else ""
         return (
-            f"n{self.block_n}k{self.block_k}w{self.up_warps}{up}-h{self.block_h}i{self.block_i}w{self.down_warps}{down}"
+            f"n{self.block_n}k{self.block_k}w{self.up_warps}{up}-"
+            f"h{self.block_h}i{self.block_i}w{self.down_warps}{down}{pdl}"
         )
 
 
@@ -99,6 +104,16 @@ def config_for(num_tokens: int) -> SmallBatchConfig:
 def runs_interpreted() -> bool:
     """Whether the kernels were built for Triton's interpreter (TRITON_INTERPRET=1 before triton's import)."""
     return type(kernels.gate_up_kernel).__name__ == "InterpretedFunction"
+
+
+def uses_pdl(config: SmallBatchConfig, device: torch.device) -> bool:
+    """Whether `config.pdl` takes effect on `device`: compiled kernels on a CUDA GPU of sm_90 or newer."""
+    return (
+        config.pdl
+        and device.type == "cuda"
+        and not runs_interpreted()
+        and torch.cuda.get_device_capability(device)[0] >= 9
+    )
 
 
 def gate_up(
@@ -142,6 +157,7 @@ def gate_up(
         BLOCK_K=config.block_k,
         STAGES=config.up_stages,
         UNROLL=config.up_unroll,
+        PDL=uses_pdl(config, device),
         num_warps=config.up_warps,
     )
     return inter, ids, wts
@@ -161,6 +177,7 @@ def down(
     device = inter.device
     out = torch.empty((T, H), device=device, dtype=spec.dtype)  # [T, H]
     b2 = weights.b2 if weights.b2 is not None else weights.w2  # never read without bias
+    pdl = uses_pdl(config, device)
     kernels.down_kernel[(T, triton.cdiv(H, config.block_h))](
         inter,
         ids,
@@ -176,7 +193,9 @@ def down(
         BLOCK_I=config.block_i,
         STAGES=config.down_stages,
         UNROLL=config.down_unroll,
+        PDL=pdl,
         num_warps=config.down_warps,
+        **({"launch_pdl": True} if pdl else {}),
     )
     return out
 
