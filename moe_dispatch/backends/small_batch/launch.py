@@ -83,10 +83,17 @@ class SmallBatchConfig:
 
 
 # (largest T, config), ascending; T above the last bound uses the last config.
-# First guesses for an H200 (more, narrower programs when T is small, so that even
-# 4 expert-pairs keep every SM streaming); tune with `python -m bench.small_batch_probe --configs`.
+# Measured on an H200 (`python -m bench.small_batch_probe --configs --grid narrow`, 2026-11-29):
+# at T=1 the narrow, fully unrolled pair n4k128u-h4i128u was fastest for GPT-OSS-120B at both
+# tp=8 (10.8 us vs 11.4 for the first guess) and tp=2 (34.3 vs 38.8); at T=8 the first guess
+# stayed within 1% of the best. PDL gained under 1% (10.8-11.3 / 34.1-34.3 / 56.8-57.2 us): off.
 CONFIGS: tuple[tuple[int, SmallBatchConfig], ...] = (
-    (2, SmallBatchConfig(block_n=4, block_k=256, up_stages=3, block_h=8, block_i=128, down_unroll=True)),
+    (
+        2,
+        SmallBatchConfig(
+            block_n=4, block_k=128, up_stages=1, up_unroll=True, block_h=4, block_i=128, down_stages=1, down_unroll=True
+        ),
+    ),
     (8, SmallBatchConfig(block_n=8, block_k=256, up_stages=3, block_h=16, block_i=128, down_unroll=True)),
     (32, SmallBatchConfig(block_n=16, block_k=128, up_stages=3, block_h=32, block_i=128, down_stages=3)),
     (1 << 30, SmallBatchConfig(block_n=32, block_k=128, up_warps=8, block_h=64, block_i=64, down_warps=8)),
