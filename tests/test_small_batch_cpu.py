@@ -245,7 +245,7 @@ def test_empty_and_strided_inputs(interpreted):
 def test_registered_with_max_tokens():
     backend = get_backend("small_batch")
     assert isinstance(backend, SmallBatchBackend) and backend.name == "small_batch"
-    assert backend.max_tokens == 32
+    assert backend.max_tokens == 16
 
 
 def test_supports_answers_with_reasons():

@@ -50,9 +50,12 @@ class SmallBatchKernel(PreparedKernel):
 
 class SmallBatchBackend(KernelBackend):
     name = "small_batch"
-    # The largest batch it is meant for; it stays correct above (one program per
-    # (token, expert) pair, weights re-read per token), just slower than grouped GEMMs.
-    max_tokens = 32
+    # The largest batch it is a candidate for; it stays correct above. Its cost grows with
+    # tokens x top_k (each pair streams its expert's rows) and does not fall when routing
+    # concentrates on few experts, while grouped GEMMs' does. Measurement times uniform
+    # routing, so the cap keeps it where skew cannot turn a win into a large loss (H200,
+    # GPT-OSS-120B tp=8, skewed routing: 49 vs 75 us at T=8, 91 vs 83 at 16, 148 vs 101 at 32).
+    max_tokens = 16
 
     def __init__(self, config: SmallBatchConfig | None = None) -> None:
         """config: one tile config pinned for every T (config sweeps); None looks it up per T."""
