@@ -12,8 +12,9 @@ Three ways to replay the same (winner) graph of one AdaptiveMoE:
 Host time: perf_counter around each call, GPU left to run behind (median of `calls`).
 GPU time: a CUDA event pair around each call (median of `replays` x `rounds`; the rounds
 interleave the three paths so clock drift hits them alike), in two regimes:
-    queued  back to back, as graphs.timing times replays: the host runs ahead of the GPU,
-            so host time between the two events is hidden behind earlier work;
+    queued  back to back after 10 warm-up calls: where the host runs ahead of the GPU, host
+            time between the two events is hidden behind earlier work (graphs.timing makes
+            sure of that with a GPU-side hold; this regime does not, to show the difference);
     idle    the device is synchronized before each call: the start event fires at once and
             the GPU waits for the host to launch the graph, so host time between the events
             (the dispatch's Python) counts as GPU time.
