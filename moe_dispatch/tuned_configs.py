@@ -10,8 +10,8 @@ with a schema version, the key they were tuned for and a sha256 over the content
 file is used only when its key equals this process's (GPU name, Triton version, shape);
 otherwise `load_table` raises `TunedConfigError` naming the file and what is wrong.
 
-`sglang_tile_configs(bucket)` makes SGLang's fused_moe use one bucket's configs for
-the duration of a call (at graph capture, so replays cost nothing extra).
+`moe_dispatch.backends.sglang_tile_override.sglang_tile_configs(bucket)` makes SGLang's
+fused_moe use one bucket's configs for the duration of a call.
 """
 
 from __future__ import annotations
@@ -19,13 +19,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import importlib
 import json
 import math
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +35,6 @@ from moe_dispatch.spec import MoESpec
 FORMAT = "moe-dispatch-tuned-configs"
 SCHEMA = 1
 TUNED_DIR_ENV = "MOE_DISPATCH_TUNED_DIR"
-
-# The module whose `try_get_optimal_moe_config` name fused_moe's config lookup calls.
-fused_moe_module_name = "sglang.srt.layers.moe.moe_runner.triton_utils.fused_moe"
-_TRITON_UTILS_MODULE = "sglang.srt.layers.moe.moe_runner.triton_utils"
-_RESOLVER = "try_get_optimal_moe_config"
 
 # TileConfig field -> SGLang config key.
 _SGLANG_KEYS: dict[str, str] = {
@@ -368,54 +362,3 @@ def find_table(
         if path.exists():
             return load_table(path, expect=key)
     return None
-
-
-# ---- the scoped override in SGLang ----------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def sglang_tile_configs(
-    bucket: BucketConfig, fused_moe_module: Any = None, override_config: Callable[[dict], Any] | None = None
-) -> Iterator[None]:
-    """Make SGLang's Triton fused_moe use `bucket.up` and `bucket.down` inside the block.
-
-    Enters SGLang's `override_config(up)` (one config for any caller of its lookup) and
-    replaces the lookup name that fused_moe calls with one that also returns `down` to
-    the down matmul. Both are restored on exit, on exceptions too. The replacement is
-    process-wide while the block runs: not for use from concurrent threads.
-    `fused_moe_module` / `override_config` default to SGLang's (injectable for tests).
-    """
-    if fused_moe_module is None:
-        fused_moe_module = importlib.import_module(fused_moe_module_name)
-    if not hasattr(fused_moe_module, _RESOLVER):
-        raise RuntimeError(f"{getattr(fused_moe_module, '__name__', fused_moe_module)!r} has no {_RESOLVER}")
-    if override_config is None:
-        override_config = importlib.import_module(_TRITON_UTILS_MODULE).override_config
-    original = getattr(fused_moe_module, _RESOLVER)
-    up, down = bucket.up, bucket.down
-
-    def resolver(
-        w1_shape: Any,
-        w2_shape: Any,
-        top_k: int,
-        dtype: Any,
-        M: int,
-        is_marlin: bool = False,
-        block_shape: Any = None,
-        per_channel_quant: bool = False,
-        return_down_config: bool = False,
-    ) -> Any:
-        if return_down_config:
-            return up.to_sglang(), (down.to_sglang(), up.block_m)
-        return up.to_sglang()
-
-    scope = override_config(up.to_sglang())
-    scope.__enter__()
-    setattr(fused_moe_module, _RESOLVER, resolver)
-    try:
-        yield
-    finally:
-        setattr(fused_moe_module, _RESOLVER, original)
-        # SGLang's override_config restores only on a normal exit (no try/finally), so it is
-        # always exited as one; an exception from the block still propagates from here.
-        scope.__exit__(None, None, None)

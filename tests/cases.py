@@ -95,7 +95,8 @@ def spy_fused_moe_configs(monkeypatch) -> list[dict[str, int]]:
     import importlib
     import inspect
 
-    from moe_dispatch.tuned_configs import TileConfig, fused_moe_module_name
+    from moe_dispatch.backends.sglang_tile_override import fused_moe_module_name
+    from moe_dispatch.tuned_configs import TileConfig
 
     module = importlib.import_module(fused_moe_module_name)
     original = module.invoke_fused_moe_kernel

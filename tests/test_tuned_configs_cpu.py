@@ -9,6 +9,7 @@ import types
 import pytest
 import torch
 
+from moe_dispatch.backends.sglang_tile_override import sglang_tile_configs
 from moe_dispatch.backends.sglang_triton_tuned import SGLangTritonTunedBackend, tune_command
 from moe_dispatch.spec import MoESpec, preset
 from moe_dispatch.tuned_configs import (
@@ -23,7 +24,6 @@ from moe_dispatch.tuned_configs import (
     find_table,
     load_table,
     save_table,
-    sglang_tile_configs,
     shape_key,
     table_path,
 )

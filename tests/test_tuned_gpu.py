@@ -15,6 +15,7 @@ import torch
 from graphs import capture
 from moe_dispatch import ExpertWeights, available_kernels, get_backend, make_kernel, random_inputs, reference_moe
 from moe_dispatch.adaptive import graph_candidates
+from moe_dispatch.backends.sglang_tile_override import fused_moe_module_name
 from moe_dispatch.testing import assert_close
 from moe_dispatch.tuned_configs import (
     TUNED_DIR_ENV,
@@ -23,7 +24,6 @@ from moe_dispatch.tuned_configs import (
     TunedKey,
     TunedTable,
     current_key,
-    fused_moe_module_name,
     save_table,
 )
 from tests.cases import CASES, Case, check_replays, record_error, skip_unless_available, spy_fused_moe_configs

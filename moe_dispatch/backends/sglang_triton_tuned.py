@@ -18,6 +18,7 @@ from typing import Any
 
 from moe_dispatch.backends.base import Support
 from moe_dispatch.backends.sglang_runner import SGLangKernel
+from moe_dispatch.backends.sglang_tile_override import sglang_tile_configs
 from moe_dispatch.backends.sglang_triton import SGLangTritonBackend, triton_quant_info
 from moe_dispatch.spec import PRESETS, MoESpec
 from moe_dispatch.tuned_configs import (
@@ -27,7 +28,6 @@ from moe_dispatch.tuned_configs import (
     TunedTable,
     current_key,
     find_table,
-    sglang_tile_configs,
     shape_key,
     table_path,
     tuned_directories,

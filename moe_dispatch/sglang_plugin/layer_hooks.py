@@ -31,12 +31,12 @@ from typing import Any
 import torch
 
 from moe_dispatch.backends.base import Support
+from moe_dispatch.backends.sglang_tile_override import sglang_tile_configs
 from moe_dispatch.backends.tk_flags import call_with_view_flags
 from moe_dispatch.backends.triton_kernels_backend import top_k_support
 from moe_dispatch.sglang_plugin import targets
 from moe_dispatch.sglang_plugin.kernel_switch import SWITCH, KernelSwitch
 from moe_dispatch.spec import SILU, Activation, MoESpec, Routing
-from moe_dispatch.tuned_configs import sglang_tile_configs
 
 logger = logging.getLogger("moe_dispatch.sglang_plugin")
 
