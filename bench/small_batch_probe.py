@@ -59,16 +59,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def untied_inputs(spec, num_tokens: int, seed: int):
-    """random_inputs (CUDA) redrawn until no row ties at the top-k boundary (the expert there is arbitrary)."""
-    from moe_dispatch import random_inputs
+    """Tie-free random inputs on the GPU (`moe_dispatch.testing.untied_inputs`)."""
+    from moe_dispatch.testing import untied_inputs as untied
 
-    k = spec.top_k
-    for attempt in range(100):
-        x, logits = random_inputs(spec, num_tokens, device="cuda", seed=seed + 7919 * attempt)
-        top = logits.float().topk(min(k + 1, spec.num_experts), dim=-1).values  # [T, k+1]
-        if k == spec.num_experts or bool((top[:, k - 1] > top[:, k]).all()):
-            return x, logits
-    raise RuntimeError(f"no tie-free logits for {spec.name} T={num_tokens}")
+    return untied(spec, num_tokens, seed, device="cuda")
 
 
 def measure(kernel, spec, ref, x, logits, warmup: int, replays: int) -> dict:

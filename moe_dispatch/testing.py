@@ -11,6 +11,8 @@ import dataclasses
 
 import torch
 
+from moe_dispatch.spec import MoESpec
+
 
 @dataclasses.dataclass(frozen=True)
 class Tolerance:
@@ -64,3 +66,24 @@ def assert_close(
     if not stats.within(tol):
         raise AssertionError(f"{what}: {stats.describe()} exceeds tolerance rms<={tol.rms:g} max<={tol.max:g}")
     return stats
+
+
+def untied_inputs(
+    spec: MoESpec, num_tokens: int, seed: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`random_inputs` redrawn until no row's k-th and (k+1)-th largest logits tie.
+
+    At such a tie the chosen expert is arbitrary (torch.topk's order on ties is unspecified;
+    small_batch takes the lowest id), so kernels and the reference may differ by design.
+    """
+    from moe_dispatch.weights import random_inputs
+
+    k = spec.top_k
+    for attempt in range(100):
+        x, logits = random_inputs(spec, num_tokens, device=device, seed=seed + 7919 * attempt)
+        if k == spec.num_experts or num_tokens == 0:
+            return x, logits
+        top = logits.float().topk(k + 1, dim=-1).values  # [T, k+1]
+        if bool((top[:, k - 1] > top[:, k]).all()):
+            return x, logits
+    raise RuntimeError(f"no tie-free logits for {spec.describe()} T={num_tokens} in 100 draws")

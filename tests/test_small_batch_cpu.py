@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from moe_dispatch import GPT_OSS_SWIGLU, SILU, ExpertWeights, MoESpec, Routing, get_backend, preset, random_inputs
+from moe_dispatch import GPT_OSS_SWIGLU, SILU, ExpertWeights, MoESpec, Routing, get_backend, preset
 from moe_dispatch.backends.small_batch.backend import SmallBatchBackend, SmallBatchKernel
-from moe_dispatch.testing import assert_close
+from moe_dispatch.testing import assert_close, untied_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_EXPERTS, INTERMEDIATE = 8, 48
@@ -106,23 +106,6 @@ CPU_CASES = tuple(
         (3, 2, "swiglu", "topk_softmax", False, "fp16", 96, "wide", 12.0),
     )
 )
-
-
-def untied_inputs(spec: MoESpec, num_tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """random_inputs whose k-th and (k+1)-th largest logits differ in every row.
-
-    At such a tie the chosen expert is arbitrary (torch.topk's order on ties is
-    unspecified; small_batch takes the lowest id), so the reference would differ by design.
-    """
-    k = spec.top_k
-    for attempt in range(100):
-        x, logits = random_inputs(spec, num_tokens, seed=seed + 7919 * attempt)
-        if k == spec.num_experts or num_tokens == 0:
-            return x, logits
-        top = logits.float().topk(k + 1, dim=-1).values  # [T, k+1]
-        if bool((top[:, k - 1] > top[:, k]).all()):
-            return x, logits
-    raise RuntimeError(f"no tie-free logits for {spec.describe()} T={num_tokens} in 100 draws")
 
 
 def _expected_routing(logits: torch.Tensor, top_k: int, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,13 +9,15 @@ Set MOE_DISPATCH_ERROR_TABLE=path to append the case x kernel error rows (JSON l
 tests/test_backends_gpu.py does (bf16 rows under the shared case id, fp16 rows with "-fp16").
 """
 
+import functools
+
 import pytest
 import torch
 
 from graphs import capture
 from moe_dispatch import ExpertWeights, get_backend, make_kernel, preset, random_inputs, reference_moe
-from moe_dispatch.spec import MoESpec
 from moe_dispatch.testing import assert_close
+from moe_dispatch.testing import untied_inputs as untied_inputs_on
 from tests.cases import CASES, Case, check_replays, record_error, skip_unless_available
 
 KERNEL = "small_batch"
@@ -23,24 +25,12 @@ GPU_CASES = tuple(case for case in CASES if case.num_tokens <= 129)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 pytestmark = pytest.mark.gpu
+untied_inputs = functools.partial(untied_inputs_on, device="cuda")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def available():
     skip_unless_available(KERNEL)
-
-
-def untied_inputs(spec: MoESpec, num_tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """random_inputs on CUDA, redrawn until no row ties at the top-k boundary."""
-    k = spec.top_k
-    for attempt in range(100):
-        x, logits = random_inputs(spec, num_tokens, device="cuda", seed=seed + 7919 * attempt)
-        if k == spec.num_experts or num_tokens == 0:
-            return x, logits
-        top = logits.float().topk(k + 1, dim=-1).values  # [T, k+1]
-        if bool((top[:, k - 1] > top[:, k]).all()):
-            return x, logits
-    raise RuntimeError(f"no tie-free logits for {spec.describe()} T={num_tokens} in 100 draws")
 
 
 @pytest.mark.parametrize("dtype_name", DTYPES)
@@ -108,7 +98,6 @@ def test_pdl_launch_matches_without(name: str, tp: int):
     """Down launched with PDL (it waits for gate_up inside): the same bits as without, eager and
     replayed in a graph, and within tolerance of the reference."""
     import dataclasses
-    import functools
 
     from moe_dispatch.backends.small_batch.backend import SmallBatchBackend
     from moe_dispatch.backends.small_batch.launch import config_for

@@ -15,6 +15,7 @@ from bench.tune.plan import plan_bucket
 from bench.tune.search import (
     Budget,
     Outcome,
+    SearchContext,
     Settings,
     StopTuning,
     pair_label,
@@ -180,7 +181,7 @@ class FakeTimer:
 def run(points, timer, state=None, budget=None, check=lambda b, u, d: None, settings=SMALL):
     state = state if state is not None else State(None)
     budget = budget or Budget(None, clock=lambda: timer.now)
-    return tune_buckets(points, KEY, settings, timer, check, state, budget, say=lambda line: None, tag="t")
+    return tune_buckets(points, SearchContext(KEY, settings, timer, check, state, budget, lambda line: None, "t"))
 
 
 def test_descent_finds_planted_optimum_up_then_down():
@@ -276,9 +277,8 @@ def test_stop_tuning_records_the_culprit_and_stops():
         first = next(iter(pairs))
         raise StopTuning("the CUDA context broke", {first: "illegal memory access"})
 
-    outcomes = tune_buckets(
-        [Point.of(TP8, 1), Point.of(TP8, 2)], KEY, SMALL, broken, lambda *a: None, state, Budget(None), lambda s: None
-    )
+    ctx = SearchContext(KEY, SMALL, broken, lambda *a: None, state, Budget(None), lambda s: None)
+    outcomes = tune_buckets([Point.of(TP8, 1), Point.of(TP8, 2)], ctx)
     assert [o.status for o in outcomes] == ["stopped", "stopped"]
     d = default_tile(1, 128)
     assert state.point(KEY, 1, d.label(), d.label()).error == "illegal memory access"

@@ -179,7 +179,7 @@ def tune_shape(spec, args, settings, state, budget, say):
 
     from bench.tune.gpu import GpuTuner
     from bench.tune.report import ShapeReport
-    from bench.tune.search import tune_buckets
+    from bench.tune.search import SearchContext, tune_buckets
     from bench.tune.space import Point
     from bench.tune.tables import now_iso, store
     from graphs.measure import TimingPlan
@@ -191,7 +191,8 @@ def tune_shape(spec, args, settings, state, budget, say):
     tuner = GpuTuner(spec, max(args.buckets), args.seed, TimingPlan(args.warmup, args.replays))
     points = [Point.of(spec, b, limits) for b in args.buckets]
     state_key = f"{key.gpu}|{key.triton_version}|{key.shape}"
-    outcomes = tune_buckets(points, state_key, settings, tuner.time_configs, tuner.check, state, budget, say, spec.name)
+    ctx = SearchContext(state_key, settings, tuner.time_configs, tuner.check, state, budget, say, spec.name)
+    outcomes = tune_buckets(points, ctx)
     del tuner
     torch.cuda.empty_cache()
     created = now_iso()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from bench.tune.budget import Budget
-from bench.tune.search import BucketSearch, Pair, Settings
+from bench.tune.search import BucketSearch, Pair, SearchContext, Settings
 from bench.tune.space import Point
 from bench.tune.state import State
 from moe_dispatch.tuned_configs import TileConfig
@@ -16,7 +16,9 @@ class _Planner(BucketSearch):
     beats the starting config (a dry run: no GPU, no state written)."""
 
     def __init__(self, point: Point, settings: Settings) -> None:
-        super().__init__(point, "plan", settings, _no_timer, _no_check, State(None), Budget(None), _quiet, "plan")
+        super().__init__(
+            point, SearchContext("plan", settings, _no_timer, _no_check, State(None), Budget(None), _quiet, "plan")
+        )
         self.steps: list[tuple[str, str, int]] = []
         self._planned: set[Pair] = set()
 

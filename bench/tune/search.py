@@ -143,24 +143,29 @@ class Confirmation:
         return statistics.median(b for _, b in self.rounds) if self.rounds else None
 
 
+@dataclass(frozen=True)
+class SearchContext:
+    """What every bucket's search shares: the state key (GPU|Triton|shape), settings, the GPU
+    callbacks (time pairs, check a pair against the reference), the state file, the budget,
+    and the progress sink with its tag."""
+
+    key: str
+    settings: Settings
+    time_configs: TimeConfigs
+    check: Check
+    state: State
+    budget: Budget
+    say: Callable[[str], None] = print
+    tag: str = ""
+
+
 class BucketSearch:
     """The descent at one bucket; `run()` returns its Outcome (raises OutOfTime mid-way)."""
 
-    def __init__(
-        self,
-        point: Point,
-        key: str,
-        settings: Settings,
-        time_configs: TimeConfigs,
-        check: Check,
-        state: State,
-        budget: Budget,
-        say: Callable[[str], None],
-        tag: str,
-    ) -> None:
-        self.point, self.key, self.settings = point, key, settings
-        self.time_configs, self.check_pair, self.state, self.budget = time_configs, check, state, budget
-        self.say, self.tag = say, tag
+    def __init__(self, point: Point, ctx: SearchContext) -> None:
+        self.point, self.key, self.settings = point, ctx.key, ctx.settings
+        self.time_configs, self.check_pair, self.state, self.budget = ctx.time_configs, ctx.check, ctx.state, ctx.budget
+        self.say, self.tag = ctx.say, ctx.tag
         self.tally = _Tally()
 
     @property
@@ -360,23 +365,13 @@ class BucketSearch:
         return error
 
 
-def tune_buckets(
-    points: Sequence[Point],
-    key: str,
-    settings: Settings,
-    time_configs: TimeConfigs,
-    check: Check,
-    state: State,
-    budget: Budget,
-    say: Callable[[str], None] = print,
-    tag: str = "",
-) -> list[Outcome]:
+def tune_buckets(points: Sequence[Point], ctx: SearchContext) -> list[Outcome]:
     """One Outcome per point, in order. A bucket the budget cuts short is "out of time";
     later buckets still run as far as the state file (no GPU time) or the budget allows."""
     outcomes: list[Outcome] = []
     stopped: StopTuning | None = None
     for point in points:
-        search = BucketSearch(point, key, settings, time_configs, check, state, budget, say, tag)
+        search = BucketSearch(point, ctx)
         default = default_tile(point.bucket, point.num_experts)
         t = search.tally
         if stopped is not None:
@@ -389,7 +384,7 @@ def tune_buckets(
             outcomes.append(
                 Outcome(point.bucket, default, None, None, None, None, status, t.timed, t.reused, t.failed, str(stop))
             )
-            say(f"[tune {tag}] bucket {point.bucket}: {status}: {stop}")
+            ctx.say(f"[tune {ctx.tag}] bucket {point.bucket}: {status}: {stop}")
             if isinstance(stop, StopTuning):
                 stopped = stop
     return outcomes
