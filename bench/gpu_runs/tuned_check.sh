@@ -34,7 +34,7 @@ case "${1:-}" in
     ;;
   engine)  # MOE_DISPATCH_GPU_ENGINE=1 before sourcing env.sh: the engine logits test and the views tier
     step 60 tk_views_gpu python3 -m pytest -q -p no:logging -m gpu tests/test_triton_kernels_views_gpu.py
-    step 180 engine_gpu python3 -m pytest -q -p no:logging -m gpu tests/test_engine_gpu.py
+    step 420 engine_gpu python3 -m pytest -q -p no:logging -m gpu tests/test_engine_gpu.py  # 4 engine processes; >170 s
     ;;
   tune)
     preset="$2" tp="$3" buckets="$4" budget="$5"
