@@ -77,7 +77,8 @@ class AdaptiveMoESettings:
     extra_kernels: candidates policy "measure" times beside the two runners, where they can run:
         "triton_tuned" (SGLang's Triton runner with the tile configs of a tuned table for this GPU,
         Triton version and layer shape; see moe_dispatch.tuned_configs) and "small_batch" (our
-        decode kernel, up to its max_tokens). Opt-in until each has run inside the engine on a GPU.
+        decode kernel, up to its max_tokens). Opt-in: the probe times uniform routing, and
+        small_batch loses to grouped GEMMs when a model routes few experts (README: decode sizes).
     """
 
     enabled: bool = False
