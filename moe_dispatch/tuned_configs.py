@@ -236,7 +236,7 @@ class TunedTable:
                 for bucket, c in self.buckets.items()
             },
         }
-        data["sha256"] = _sha256(data)
+        data["sha256"] = content_sha256(data)
         return data
 
     @staticmethod
@@ -250,7 +250,7 @@ class TunedTable:
                 f"{source} has schema {data.get('schema')!r}, this moe-dispatch reads schema {SCHEMA}; re-tune"
             )
         try:
-            stored, actual = data.get("sha256"), _sha256(data)
+            stored, actual = data.get("sha256"), content_sha256(data)
         except ValueError as error:
             raise TunedConfigError(f"{source} is not plain JSON: {error}") from None
         if stored != actual:
@@ -281,7 +281,7 @@ def _why(error: Exception) -> str:
     return f"missing field {error}" if isinstance(error, KeyError) else str(error)
 
 
-def _sha256(data: Mapping[str, Any]) -> str:
+def content_sha256(data: Mapping[str, Any]) -> str:
     """sha256 of the canonical JSON of everything but the checksum itself."""
     content = {k: v for k, v in data.items() if k != "sha256"}
     text = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)  # ValueError on NaN
@@ -301,14 +301,13 @@ def table_path(key: TunedKey, directory: str | os.PathLike) -> Path:
     return Path(directory) / _slug(key.gpu, "-") / f"triton_{_slug(key.triton_version, '_')}" / f"{shape}.json"
 
 
-def save_table(table: TunedTable, directory: str | os.PathLike) -> Path:
-    """Write `table` under `directory` atomically (temp file + rename); returns the path."""
-    path = table_path(table.key, directory)
+def write_json_atomic(path: Path, data: Mapping[str, Any]) -> Path:
+    """Write `data` as JSON to `path` (temp file + rename, parents made); returns the path."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(table.to_json(), f, indent=2)
+            json.dump(data, f, indent=2)
             f.write("\n")
         os.replace(tmp, path)
     except BaseException:
@@ -316,6 +315,11 @@ def save_table(table: TunedTable, directory: str | os.PathLike) -> Path:
             os.unlink(tmp)
         raise
     return path
+
+
+def save_table(table: TunedTable, directory: str | os.PathLike) -> Path:
+    """Write `table` under `directory` atomically; returns the path."""
+    return write_json_atomic(table_path(table.key, directory), table.to_json())
 
 
 def load_table(path: str | os.PathLike, expect: TunedKey | None = None) -> TunedTable:

@@ -28,7 +28,15 @@ def test_support_is_falsy_with_reason():
 
 def test_registry_lists_every_kernel_with_reasons():
     answers = available_kernels()
-    expected = ("torch", "triton", "triton_tuned", "triton_kernels", "small_batch", "flashinfer_cutlass")
+    expected = (
+        "torch",
+        "triton",
+        "triton_tuned",
+        "triton_kernels",
+        "triton_kernels_tuned",
+        "small_batch",
+        "flashinfer_cutlass",
+    )
     assert tuple(answers) == KNOWN_KERNELS == expected
     assert answers["torch"]
     for name, answer in answers.items():

@@ -19,7 +19,7 @@ from moe_dispatch.tuned_configs import (
     TunedConfigError,
     TunedKey,
     TunedTable,
-    _sha256,
+    content_sha256,
     default_tuned_dir,
     find_table,
     load_table,
@@ -154,12 +154,12 @@ def test_invalid_config_with_a_valid_checksum(tmp_path):
     path = save_table(table(), tmp_path)
     data = json.loads(path.read_text())
     data["buckets"]["256"]["down"]["BLOCK_SIZE_M"] = 32
-    data["sha256"] = _sha256(data)
+    data["sha256"] = content_sha256(data)
     path.write_text(json.dumps(data))
     with pytest.raises(TunedConfigError, match="invalid configs: bucket 256: down block_m=32 must equal up block_m=64"):
         load_table(path)
     del data["buckets"]["8"]["up"]
-    data["sha256"] = _sha256(data)
+    data["sha256"] = content_sha256(data)
     path.write_text(json.dumps(data))
     with pytest.raises(TunedConfigError, match="holds invalid configs: bucket 8: missing field 'up'"):
         load_table(path)

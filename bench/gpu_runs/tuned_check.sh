@@ -9,6 +9,13 @@
 #   source .gpu-deps/env.sh && bash bench/gpu_runs/tuned_check.sh tune PRESET TP BUCKETS SECONDS
 #       e.g. tune gpt-oss-120b 2 1,8,32,128,1024 420: tune (resuming from $STATE if carried), then
 #       `make bench` for those buckets with every candidate side by side
+#   source .gpu-deps/env.sh && bash bench/gpu_runs/tuned_check.sh tkprobe PRESET TP TOKENS SECONDS
+#       bench.tk_flags_probe (triton_kernels' own opt flags vs variants per matmul), 8 compile workers;
+#       its TkFlagsTable goes into $OUT/tuned (a copy of the shipped tables, so buckets merge)
+#   source .gpu-deps/env.sh && bash bench/gpu_runs/tuned_check.sh tktests
+#       the triton_kernels_tuned GPU tier
+#   source .gpu-deps/env.sh && bash bench/gpu_runs/tuned_check.sh bench PRESET TP BUCKETS SECONDS
+#       `make bench` with every candidate, the tables in $TUNED (default: the shipped ones)
 #   MOE_DISPATCH_GPU_ENGINE=1 source .gpu-deps/env.sh && bash bench/gpu_runs/tuned_check.sh serving [MODEL]
 #       the serving benchmark with modes off, measure and extra (--adaptive-moe-extra-kernels
 #       triton_tuned,small_batch)
@@ -38,7 +45,7 @@ case "${1:-}" in
     ;;
   tune)
     preset="$2" tp="$3" buckets="$4" budget="$5"
-    mkdir -p "$OUT/tune"
+    mkdir -p "$OUT/tune" "$OUT/tuned" && cp -r moe_dispatch/tuned_data/. "$OUT/tuned/"  # new buckets merge in
     step $((budget + 30)) tune python3 -m bench.tune --preset "$preset" --tp "$tp" --buckets "$buckets" \
       --time-budget "$budget" --state "$STATE" --out "$OUT/tuned" --report "$OUT/tune/report.md"
     cp "$STATE" "$OUT/tune/state.jsonl" 2>/dev/null
@@ -46,10 +53,25 @@ case "${1:-}" in
       --batch-sizes "$buckets" --out "$OUT/bench" --no-plot
     tar czf "$OUT/tuned.tgz" -C "$OUT" tuned tune bench && rm -rf "$OUT/tuned" "$OUT/tune" "$OUT/bench"
     ;;
+  tkprobe)
+    mkdir -p "$OUT/tuned" && cp -r moe_dispatch/tuned_data/. "$OUT/tuned/"
+    step "$5" tk_flags_probe python3 -m bench.tk_flags_probe --preset "$2" --tp "$3" --tokens "$4" --workers 8 \
+      --out "$OUT/tk_flags" --tables "$OUT/tuned"
+    tar czf "$OUT/tk_flags.tgz" -C "$OUT" tk_flags tuned tk_flags_probe.log && rm -rf "$OUT/tk_flags"
+    ;;
+  tktests)
+    step 150 tk_tuned_gpu env MOE_DISPATCH_ERROR_TABLE="$OUT/tk_tuned_errors.jsonl" \
+      python3 -m pytest -q -p no:logging -m gpu tests/test_tk_tuned_gpu.py tests/test_tuned_gpu.py
+    ;;
+  bench)
+    step "$5" bench env ${TUNED:+MOE_DISPATCH_TUNED_DIR="$TUNED"} python3 -m bench --preset "$2" --tp "$3" \
+      --batch-sizes "$4" --out "$OUT/bench" --no-plot
+    tar czf "$OUT/bench.tgz" -C "$OUT" bench && rm -rf "$OUT/bench"
+    ;;
   serving)  # MOE_DISPATCH_GPU_ENGINE=1 before sourcing env.sh; the opt-in candidates in SGLang's engine
     step 560 serving make bench-serving PYTHON=python3 SERVING_ARGS="--models ${2:-gpt-oss-120b:tp8} \
       --modes off,measure,extra --time-budget 530 --out out/serving --results $OUT/results"
     tar czf "$OUT/serving-runs.tgz" -C out/serving runs runs.jsonl session.json 2>/dev/null
     ;;
-  *) echo "usage: $0 tests | engine | tune PRESET TP BUCKETS SECONDS | serving [MODEL]" >&2; exit 2 ;;
+  *) echo "usage: $0 tests | engine | tune PRESET TP BUCKETS SECONDS | tkprobe PRESET TP TOKENS SECONDS | tktests | bench PRESET TP BUCKETS SECONDS | serving [MODEL]" >&2; exit 2 ;;
 esac

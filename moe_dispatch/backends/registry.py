@@ -19,6 +19,7 @@ _BACKENDS: dict[str, tuple[str, str]] = {
     "triton": ("moe_dispatch.backends.sglang_triton", "SGLangTritonBackend"),
     "triton_tuned": ("moe_dispatch.backends.sglang_triton_tuned", "SGLangTritonTunedBackend"),
     "triton_kernels": ("moe_dispatch.backends.triton_kernels_backend", "TritonKernelsBackend"),
+    "triton_kernels_tuned": ("moe_dispatch.backends.triton_kernels_tuned", "TritonKernelsTunedBackend"),
     "small_batch": ("moe_dispatch.backends.small_batch.backend", "SmallBatchBackend"),
     "flashinfer_cutlass": ("moe_dispatch.backends.flashinfer_moe", "FlashInferCutlassBackend"),
 }

@@ -61,6 +61,34 @@ def tune_command(spec: MoESpec) -> str:
     return f"python -m bench.tune --preset {model} --tp {tp}"
 
 
+def lookup_table(
+    spec: MoESpec,
+    key_for: Callable[[MoESpec], TunedKey],
+    directories: Sequence[str | os.PathLike] | None,
+    find: Callable[..., Any],
+    path_for: Callable[[TunedKey, Path], Path],
+    command: str,
+) -> tuple[Any, Support]:
+    """`find(spec, directories, key=...)`'s table for `spec` here, or None with the reason (no GPU,
+    no file: the paths looked at and the `command` that makes one; a broken file: why)."""
+    try:
+        key = key_for(spec)
+    except RuntimeError as error:
+        return None, Support.no(str(error))
+    dirs = tuned_directories() if directories is None else tuple(map(Path, directories))
+    try:
+        table = find(spec, dirs, key=key)
+    except TunedConfigError as error:
+        return None, Support.no(str(error))
+    if table is None:
+        expected = " or ".join(str(path_for(key, d)) for d in dirs)
+        return None, Support.no(
+            f"no tuned table for {key.shape} on {key.gpu!r} with Triton {key.triton_version}: "
+            f"expected {expected}; run {command} to make one"
+        )
+    return table, Support.yes()
+
+
 class SGLangTritonTunedBackend(SGLangTritonBackend):
     """`directories` (default: `tuned_directories()`, read at each lookup) and `key_for`
     (default: this GPU and Triton) are injectable for tests."""
@@ -81,22 +109,7 @@ class SGLangTritonTunedBackend(SGLangTritonBackend):
 
     def lookup(self, spec: MoESpec) -> tuple[TunedTable | None, Support]:
         """The table for `spec` here, or None with the reason (no GPU, no file, a broken file)."""
-        try:
-            key = self._key_for(spec)
-        except RuntimeError as error:
-            return None, Support.no(str(error))
-        directories = tuned_directories() if self._directories is None else tuple(map(Path, self._directories))
-        try:
-            table = find_table(spec, directories, key=key)
-        except TunedConfigError as error:
-            return None, Support.no(str(error))
-        if table is None:
-            expected = " or ".join(str(table_path(key, d)) for d in directories)
-            return None, Support.no(
-                f"no tuned Triton configs for {key.shape} on {key.gpu!r} with Triton {key.triton_version}: "
-                f"expected {expected}; run {tune_command(spec)} to make one"
-            )
-        return table, Support.yes()
+        return lookup_table(spec, self._key_for, self._directories, find_table, table_path, tune_command(spec))
 
     def _prepare(self, spec: MoESpec, weights: ExpertWeights) -> TunedTritonKernel:
         table, answer = self.lookup(spec)

@@ -104,6 +104,11 @@ class TritonKernelsBackend(KernelBackend):
         return top_k_support(spec.top_k)
 
     def _prepare(self, spec: MoESpec, weights: ExpertWeights) -> PreparedKernel:
+        kernel = TritonKernelsKernel if self.steer_flags else SGLangKernel
+        return kernel(self.name, spec, weights, "TRITON_KERNELS", "TRITON_KERNEL", *self.quant_info(weights))
+
+    def quant_info(self, weights: ExpertWeights) -> tuple[object, int]:
+        """(SGLang's TritonKernelsQuantInfo for the weights in this layout, extra weight bytes)."""
         from sglang.srt.layers.moe.moe_runner.triton_kernels import TritonKernelsQuantInfo
 
         w13 = weights.w13.transpose(1, 2)  # [E, H, 2I]
@@ -112,9 +117,7 @@ class TritonKernelsBackend(KernelBackend):
         if self.layout == "copy":
             w13, w2 = w13.contiguous(), w2.contiguous()
             extra = w13.nbytes + w2.nbytes
-        quant_info = TritonKernelsQuantInfo(w13_weight=w13, w2_weight=w2, w13_bias=weights.b13, w2_bias=weights.b2)
-        kernel = TritonKernelsKernel if self.steer_flags else SGLangKernel
-        return kernel(self.name, spec, weights, "TRITON_KERNELS", "TRITON_KERNEL", quant_info, extra)
+        return TritonKernelsQuantInfo(w13_weight=w13, w2_weight=w2, w13_bias=weights.b13, w2_bias=weights.b2), extra
 
 
 class TritonKernelsKernel(SGLangKernel):

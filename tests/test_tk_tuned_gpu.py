@@ -1,0 +1,94 @@
+"""`triton_kernels_tuned` on the GPU: the shared case list against the torch reference with a
+flags table built in memory, the opt flags matmul_ogs actually gets per matmul, CUDA-graph
+capture and replay, triton_kernels' own flags outside the table's reach, and a table found
+on disk through $MOE_DISPATCH_TUNED_DIR."""
+
+import pytest
+import torch
+
+from bench.tk_views_probe import recorded_opt_flags
+from graphs import capture
+from moe_dispatch import ExpertWeights, available_kernels, get_backend, random_inputs, reference_moe
+from moe_dispatch.adaptive import graph_candidates
+from moe_dispatch.backends.tk_matmul_flags import MatmulFlags
+from moe_dispatch.testing import assert_close
+from moe_dispatch.tk_flags_table import TkBucket, TkFlagsTable, save_tk_table
+from moe_dispatch.tuned_configs import TUNED_DIR_ENV, current_key
+from tests.cases import CASES, Case, check_replays, record_error, skip_unless_available
+
+KERNEL = "triton_kernels_tuned"
+
+pytestmark = pytest.mark.gpu
+
+# Not what triton_kernels picks by itself for these shapes (its block_n is 256, block_k 64, m16).
+UP = MatmulFlags(True, 32, 128, 32, 4, 3)
+DOWN = MatmulFlags(False, 16, 64, 64, 4, 2)
+BUCKETS = {8: TkBucket(UP, DOWN), 64: TkBucket(None, DOWN)}  # T in 4..16 -> 8, 32..128 -> 64, else own
+
+
+@pytest.fixture(scope="module", autouse=True)
+def available():
+    skip_unless_available("triton_kernels")
+
+
+def table(spec) -> TkFlagsTable:
+    return TkFlagsTable(current_key(spec), BUCKETS, created="test", notes="tests/test_tk_tuned_gpu.py")
+
+
+def expected(num_tokens: int) -> list[MatmulFlags | None]:
+    entry = table(Case(1, 2, True, "swiglu").spec()).flags_for(num_tokens)
+    return [None, None] if entry is None else [entry.up, entry.down]
+
+
+def launched_flags(kernel, x, logits) -> tuple[torch.Tensor, list[MatmulFlags]]:
+    with recorded_opt_flags() as seen:
+        out = kernel(x, logits)
+    assert seen is not None and len(seen) == 2, seen
+    return out, [MatmulFlags.of(f) for f in seen]
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.num_tokens > 0], ids=lambda c: c.id)
+def test_matches_reference_with_the_tuned_flags(case: Case):
+    spec = case.spec()
+    backend = get_backend(KERNEL)
+    if not get_backend("triton_kernels").supports(spec):
+        pytest.skip(f"triton_kernels does not run {case.id}: {get_backend('triton_kernels').supports(spec).reason}")
+    weights = ExpertWeights.random(spec, device="cuda", seed=case.top_k)
+    kernel = backend.prepare_with_table(spec, weights, table(spec))
+    own = get_backend("triton_kernels").prepare(spec, weights)
+    x, logits = random_inputs(spec, case.num_tokens, device="cuda", seed=1000 + case.num_tokens)
+    out, flags = launched_flags(kernel, x, logits)
+    _, own_flags = launched_flags(own, x, logits)
+    assert out.shape == (case.num_tokens, spec.hidden_size) and out.dtype == spec.dtype
+    stats = assert_close(out, reference_moe(spec, weights, x, logits), spec.dtype, f"{KERNEL} {case.id}")
+    record_error(case.id, KERNEL, stats)
+    for got, want, theirs in zip(flags, expected(case.num_tokens), own_flags, strict=True):
+        assert got == (want or theirs), (case.id, got, want, theirs)
+
+
+def test_graph_capture_and_replay():
+    case = Case(8, 4, True, "swiglu")
+    spec = case.spec()
+    weights = ExpertWeights.random(spec, device="cuda", seed=3)
+    kernel = get_backend(KERNEL).prepare_with_table(spec, weights, table(spec))
+    x, logits = random_inputs(spec, case.num_tokens, device="cuda", seed=10)
+    static_x, static_logits = x.clone(), logits.clone()
+    with recorded_opt_flags() as seen:
+        captured = capture(kernel, [static_x, static_logits], torch.cuda.graph_pool_handle(), torch.cuda.Stream())
+    assert [MatmulFlags.of(f) for f in seen[-2:]] == [UP, DOWN]  # the captured call (after 2 warm-ups)
+    inputs_for = lambda seed: random_inputs(spec, case.num_tokens, device="cuda", seed=seed)  # noqa: E731
+    check_replays(captured, (static_x, static_logits), spec, weights, inputs_for, (11, 12), f"replay {case.id}")
+
+
+def test_table_file_found_through_the_env_dir(tmp_path, monkeypatch):
+    spec = Case(8, 4, True, "swiglu").spec()
+    monkeypatch.setenv(TUNED_DIR_ENV, str(tmp_path))
+    answer = get_backend(KERNEL).supports(spec)
+    assert not answer and "no tuned table" in answer.reason and str(tmp_path) in answer.reason
+    assert KERNEL not in graph_candidates(spec)
+    save_tk_table(table(spec), tmp_path)
+    assert available_kernels(spec)[KERNEL] and KERNEL in graph_candidates(spec)
+    weights = ExpertWeights.random(spec, device="cuda", seed=6)
+    kernel = get_backend(KERNEL).prepare(spec, weights)
+    x, logits = random_inputs(spec, 8, device="cuda", seed=7)
+    assert_close(kernel(x, logits), reference_moe(spec, weights, x, logits), spec.dtype, "table from disk")
