@@ -6,10 +6,12 @@ Small dims keep a case fast; the token counts hit 0, 1, odd sizes and past the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
 import os
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -111,3 +113,18 @@ def spy_fused_moe_configs(monkeypatch) -> list[dict[str, int]]:
 
     monkeypatch.setattr(module, "invoke_fused_moe_kernel", spy)
     return configs
+
+
+def steering_then_recording(seen: list) -> Callable[[Mapping], contextlib.ExitStack]:
+    """A stand-in for moe_dispatch.backends.tk_matmul_flags.scoped_matmul_flags that steers as it
+    does, then records (into `seen`, one list per call) the flags matmul_ogs receives after the steering."""
+    from bench.tk_views_probe import recorded_opt_flags
+    from moe_dispatch.backends.tk_matmul_flags import scoped_matmul_flags
+
+    def steer_and_record(flags: Mapping) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        stack.enter_context(scoped_matmul_flags(flags))
+        seen.append(stack.enter_context(recorded_opt_flags()))
+        return stack
+
+    return steer_and_record

@@ -1,4 +1,5 @@
-"""The plugin's opt-in candidates (triton_tuned, small_batch): start-up, switch, forward hook (CPU, no SGLang)."""
+"""The plugin's opt-in candidates (triton_tuned, triton_kernels_tuned, small_batch): start-up, switch,
+forward hook (CPU, no SGLang)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ import types
 import pytest
 import torch
 
-from moe_dispatch import tuned_configs
+from moe_dispatch import tk_flags_table, tuned_configs
+from moe_dispatch.backends.tk_matmul_flags import MatmulFlags
 from moe_dispatch.plan import PlanMetadata
 from moe_dispatch.sglang_plugin import layer_hooks, probe, startup
 from moe_dispatch.sglang_plugin.kernel_switch import (
     KERNELS,
     SMALL_BATCH_BACKEND,
+    TK_TUNED_KERNEL,
     TUNED_KERNEL,
     KernelSwitch,
     SizeRule,
@@ -179,9 +182,73 @@ def test_the_serving_benchmarks_extra_mode_gives_valid_settings():
     from moe_dispatch.sglang_plugin.settings import from_env
 
     settings = from_env(modes.overrides("extra", "/tmp/plan.json"))
-    assert settings.enabled and settings.extra_kernels == ("triton_tuned", "small_batch")
+    assert settings.enabled and settings.extra_kernels == ("triton_tuned", "triton_kernels_tuned", "small_batch")
     assert settings.policy == "measure"
     assert settings.plan_path == "/tmp/plan.json"
+
+
+# --- triton_kernels_tuned -----------------------------------------------------------------------
+
+TK_UP = MatmulFlags(True, 16, 256, 128, 4, 3)
+TK_TABLE = tk_flags_table.TkFlagsTable(
+    TABLE.key, {128: tk_flags_table.TkBucket(TK_UP, TK_UP), 1024: tk_flags_table.TkBucket(None, None)}, "2026-11-29"
+)
+
+
+def test_tk_tuned_is_measured_with_a_flags_table_and_says_why_without(switch, monkeypatch, caplog):
+    seen: list[tuple[str, ...]] = []
+    monkeypatch.setattr(probe, "probe_sizes", _fake_probe(seen))
+    monkeypatch.setattr(tk_flags_table, "find_tk_table", lambda spec: None)
+    switch.configure(AdaptiveMoESettings(enabled=True, extra_kernels=(TK_TUNED_KERNEL,)))
+    with caplog.at_level(logging.INFO, logger="moe_dispatch.sglang_plugin"):
+        startup.before_init_cuda_graphs(_runner([("topk", types.SimpleNamespace(quant_method=_Method()))]))
+    assert switch.kernels == KERNELS
+    assert "triton_kernels_tuned is not a candidate: no triton_kernels flags" in caplog.text
+    monkeypatch.setattr(tk_flags_table, "find_tk_table", lambda spec: TK_TABLE)
+    method, other = _Method(), _Method()
+    switch.configure(AdaptiveMoESettings(enabled=True, extra_kernels=(TK_TUNED_KERNEL,)))
+    startup.before_init_cuda_graphs(_runner([("topk", types.SimpleNamespace(quant_method=method))]))
+    assert seen[-1] == (*KERNELS, TK_TUNED_KERNEL) and switch.kernels == (*KERNELS, TK_TUNED_KERNEL)
+    with switch.forced(TK_TUNED_KERNEL):
+        assert switch.tk_flags(method, 128).up == TK_UP and switch.tk_flags(other, 128) is None
+        assert switch.tk_flags(method, 1) is None  # no bucket within 2x: triton_kernels' own flags
+    assert switch.tk_flags(method, 128) is None  # the rule runs another kernel there
+
+
+def test_forward_hook_steers_the_triton_kernels_runner_with_the_tables_flags(monkeypatch):
+    switch = KernelSwitch()
+    monkeypatch.setattr(layer_hooks, "SWITCH", switch)
+    checker = types.SimpleNamespace(format_is_triton_kernels=lambda topk_output: True)
+    monkeypatch.setattr(layer_hooks, "_sgl", lambda: types.SimpleNamespace(TopKOutputChecker=checker))
+    info = types.SimpleNamespace(w13_weight="w13", w2_weight="w2")
+    monkeypatch.setattr(layer_hooks, "tk_quant_info", lambda layer: info)
+    monkeypatch.setattr(layer_hooks, "call_with_view_flags", lambda fn, *args: fn())
+    steering: list[dict] = []
+    active: list[dict] = []
+
+    @contextlib.contextmanager
+    def recording(flags):
+        steering.append(dict(flags))
+        active.append(dict(flags))
+        try:
+            yield bool(flags)
+        finally:
+            active.pop()
+
+    monkeypatch.setattr(layer_hooks, "scoped_matmul_flags", recording)
+    during: list[list[dict]] = []
+    runner = types.SimpleNamespace(run=lambda dispatch, quant_info: during.append(list(active)) or "out")
+    method = _Method()
+    setattr(method, layer_hooks._TK_RUNNER, runner)
+    layer = types.SimpleNamespace(w2_weight=torch.empty(128, 2880, 360, device="meta"))
+    switch.rule = SizeRule((128, 8192), (TK_TUNED_KERNEL, "triton_kernels"))
+    switch.enable_tk_tuned(TK_TABLE, [method])
+    routing = types.SimpleNamespace(routing_data=types.SimpleNamespace(n_expts_act=4))
+    dispatch = lambda n: types.SimpleNamespace(hidden_states=torch.empty(n, 2880, device="meta"), topk_output=routing)  # noqa: E731
+    assert layer_hooks.around_unquant_forward_cuda(None, method, layer, dispatch(100)) == "out"
+    assert during == [[{(720, 2880): TK_UP, (2880, 360): TK_UP}]]
+    layer_hooks.around_unquant_forward_cuda(None, method, layer, dispatch(4000))  # rule: triton_kernels
+    assert during[-1] == [{}] and active == []
 
 
 # --- small_batch --------------------------------------------------------------------------------

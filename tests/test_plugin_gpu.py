@@ -239,6 +239,40 @@ def test_layer_runs_triton_tuned_with_the_tables_configs(sglang_env, layers, wei
         switch.enable_tuned(None, [])  # no table: triton_tuned is no candidate again
 
 
+@pytest.mark.parametrize("num_tokens", (7, 300))
+def test_layer_runs_triton_kernels_tuned_with_the_tables_flags(sglang_env, layers, weights, num_tokens):
+    """--adaptive-moe-extra-kernels triton_kernels_tuned: a layer forced to it runs the triton_kernels
+    runner with the table's flags per matmul (recorded as matmul_ogs uses them) and matches stock."""
+    from moe_dispatch.backends.tk_matmul_flags import MatmulFlags
+    from moe_dispatch.sglang_plugin import layer_hooks
+    from moe_dispatch.tk_flags_table import TkBucket, TkFlagsTable
+    from moe_dispatch.tuned_configs import TunedKey, shape_key
+    from tests.cases import steering_then_recording
+
+    switch = sglang_env
+    (topk, moe), _stock_triton, stock_tk = layers
+    up, down = MatmulFlags(True, 32, 128, 32, 4, 3), MatmulFlags(False, 16, 64, 64, 4, 2)
+    buckets = {8: TkBucket(up, down), 256: TkBucket(None, down)}
+    table = TkFlagsTable(TunedKey("test", "test", shape_key(SPEC)), buckets, "test")
+    x, logits = random_inputs(SPEC, num_tokens, device="cuda", seed=num_tokens)
+    stock = forward(*stock_tk, x, logits, "triton_kernel")
+    seen: list[list[dict]] = []
+    switch.enable_tk_tuned(table, [moe.quant_method])
+    original = layer_hooks.scoped_matmul_flags
+    layer_hooks.scoped_matmul_flags = steering_then_recording(seen)
+    try:
+        with switch.forced("triton_kernels_tuned"):
+            out = forward(topk, moe, x, logits)
+    finally:
+        layer_hooks.scoped_matmul_flags = original
+        switch.enable_tk_tuned(None, [])
+    entry = table.flags_for(num_tokens)
+    got = [MatmulFlags.of(f) for f in seen[-1]]
+    assert got[1] == entry.down and (entry.up is None or got[0] == entry.up), got
+    tol = TOLERANCES[SPEC.dtype]
+    assert_close(out, stock, SPEC.dtype, f"plugin triton_kernels_tuned vs stock T={num_tokens}", tol=tol)
+
+
 @pytest.mark.parametrize("num_tokens", (1, 7, 32))
 def test_layer_runs_small_batch_on_its_own_weights(sglang_env, layers, weights, num_tokens):
     """--adaptive-moe-extra-kernels small_batch: a layer forced to small_batch reads its own weights and

@@ -3,6 +3,8 @@ flags table built in memory, the opt flags matmul_ogs actually gets per matmul, 
 capture and replay, triton_kernels' own flags outside the table's reach, and a table found
 on disk through $MOE_DISPATCH_TUNED_DIR."""
 
+import unittest.mock
+
 import pytest
 import torch
 
@@ -10,11 +12,12 @@ from bench.tk_views_probe import recorded_opt_flags
 from graphs import capture
 from moe_dispatch import ExpertWeights, available_kernels, get_backend, random_inputs, reference_moe
 from moe_dispatch.adaptive import graph_candidates
+from moe_dispatch.backends import triton_kernels_tuned
 from moe_dispatch.backends.tk_matmul_flags import MatmulFlags
 from moe_dispatch.testing import assert_close
 from moe_dispatch.tk_flags_table import TkBucket, TkFlagsTable, save_tk_table
 from moe_dispatch.tuned_configs import TUNED_DIR_ENV, current_key
-from tests.cases import CASES, Case, check_replays, record_error, skip_unless_available
+from tests.cases import CASES, Case, check_replays, record_error, skip_unless_available, steering_then_recording
 
 KERNEL = "triton_kernels_tuned"
 
@@ -41,10 +44,16 @@ def expected(num_tokens: int) -> list[MatmulFlags | None]:
 
 
 def launched_flags(kernel, x, logits) -> tuple[torch.Tensor, list[MatmulFlags]]:
-    with recorded_opt_flags() as seen:
+    """The kernel's output and the flags its two matmuls ran with (after any steering)."""
+    seen: list[list[dict]] = []
+    with (
+        recorded_opt_flags() as own,
+        unittest.mock.patch.object(triton_kernels_tuned, "scoped_matmul_flags", steering_then_recording(seen)),
+    ):
         out = kernel(x, logits)
-    assert seen is not None and len(seen) == 2, seen
-    return out, [MatmulFlags.of(f) for f in seen]
+    flags = seen[-1] if seen else own  # the tuned kernel steers; the stock one records through `own`
+    assert flags is not None and len(flags) == 2, flags
+    return out, [MatmulFlags.of(f) for f in flags]
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.num_tokens > 0], ids=lambda c: c.id)
@@ -73,9 +82,10 @@ def test_graph_capture_and_replay():
     kernel = get_backend(KERNEL).prepare_with_table(spec, weights, table(spec))
     x, logits = random_inputs(spec, case.num_tokens, device="cuda", seed=10)
     static_x, static_logits = x.clone(), logits.clone()
-    with recorded_opt_flags() as seen:
+    seen: list[list[dict]] = []
+    with unittest.mock.patch.object(triton_kernels_tuned, "scoped_matmul_flags", steering_then_recording(seen)):
         captured = capture(kernel, [static_x, static_logits], torch.cuda.graph_pool_handle(), torch.cuda.Stream())
-    assert [MatmulFlags.of(f) for f in seen[-2:]] == [UP, DOWN]  # the captured call (after 2 warm-ups)
+    assert [MatmulFlags.of(f) for f in seen[-1]] == [UP, DOWN]  # the captured call (after 2 warm-ups)
     inputs_for = lambda seed: random_inputs(spec, case.num_tokens, device="cuda", seed=seed)  # noqa: E731
     check_replays(captured, (static_x, static_logits), spec, weights, inputs_for, (11, 12), f"replay {case.id}")
 

@@ -16,9 +16,9 @@
 #       the triton_kernels_tuned GPU tier
 #   source .gpu-deps/env.sh && bash bench/gpu_runs/tuned_check.sh bench PRESET TP BUCKETS SECONDS
 #       `make bench` with every candidate, the tables in $TUNED (default: the shipped ones)
-#   MOE_DISPATCH_GPU_ENGINE=1 source .gpu-deps/env.sh && bash bench/gpu_runs/tuned_check.sh serving [MODEL]
-#       the serving benchmark with modes off, measure and extra (--adaptive-moe-extra-kernels
-#       triton_tuned,small_batch)
+#   MOE_DISPATCH_GPU_ENGINE=1 source .gpu-deps/env.sh && bash bench/gpu_runs/tuned_check.sh serving [MODEL [MODES [S]]]
+#       the serving benchmark, by default with modes off, measure and extra (--adaptive-moe-extra-kernels
+#       triton_tuned,triton_kernels_tuned,small_batch)
 set -u
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT"; export PYTHONUNBUFFERED=1
 STATE="${STATE:-bench/results/tune-state.jsonl}"  # in the tree, so a later call can carry it back in
@@ -59,9 +59,10 @@ case "${1:-}" in
       --out "$OUT/tk_flags" --tables "$OUT/tuned"
     tar czf "$OUT/tk_flags.tgz" -C "$OUT" tk_flags tuned tk_flags_probe.log && rm -rf "$OUT/tk_flags"
     ;;
-  tktests)
-    step 150 tk_tuned_gpu env MOE_DISPATCH_ERROR_TABLE="$OUT/tk_tuned_errors.jsonl" \
-      python3 -m pytest -q -p no:logging -m gpu tests/test_tk_tuned_gpu.py tests/test_tuned_gpu.py
+  tktests)  # the triton_kernels_tuned backend and the plugin's layer hooks (incl. its extra candidates)
+    step 120 tk_tuned_gpu env MOE_DISPATCH_ERROR_TABLE="$OUT/tk_tuned_errors.jsonl" \
+      python3 -m pytest -q -p no:logging -m gpu tests/test_tk_tuned_gpu.py
+    step 170 plugin_gpu python3 -m pytest -q -p no:logging -m gpu tests/test_plugin_gpu.py
     ;;
   bench)
     step "$5" bench env ${TUNED:+MOE_DISPATCH_TUNED_DIR="$TUNED"} python3 -m bench --preset "$2" --tp "$3" \
@@ -69,9 +70,10 @@ case "${1:-}" in
     tar czf "$OUT/bench.tgz" -C "$OUT" bench && rm -rf "$OUT/bench"
     ;;
   serving)  # MOE_DISPATCH_GPU_ENGINE=1 before sourcing env.sh; the opt-in candidates in SGLang's engine
-    step 560 serving make bench-serving PYTHON=python3 SERVING_ARGS="--models ${2:-gpt-oss-120b:tp8} \
-      --modes off,measure,extra --time-budget 530 --out out/serving --results $OUT/results"
+    budget="${4:-530}"
+    step $((budget + 30)) serving make bench-serving PYTHON=python3 SERVING_ARGS="--models ${2:-gpt-oss-120b:tp8} \
+      --modes ${3:-off,measure,extra} --time-budget $budget --out out/serving --results $OUT/results"
     tar czf "$OUT/serving-runs.tgz" -C out/serving runs runs.jsonl session.json 2>/dev/null
     ;;
-  *) echo "usage: $0 tests | engine | tune PRESET TP BUCKETS SECONDS | tkprobe PRESET TP TOKENS SECONDS | tktests | bench PRESET TP BUCKETS SECONDS | serving [MODEL]" >&2; exit 2 ;;
+  *) echo "usage: $0 tests | engine | tune PRESET TP BUCKETS SECONDS | tkprobe PRESET TP TOKENS SECONDS | tktests | bench PRESET TP BUCKETS SECONDS | serving [MODEL [MODES [SECONDS]]]" >&2; exit 2 ;;
 esac

@@ -12,7 +12,8 @@ names are the contract with the plugin (`moe_dispatch.sglang_plugin.settings`):
     threshold       SGLANG_ADAPTIVE_MOE=1, POLICY=threshold, BATCH_THRESHOLD=1536: the old static rule
     triton          SGLANG_ADAPTIVE_MOE=1, POLICY=fixed, KERNEL=triton
     triton_kernels  SGLANG_ADAPTIVE_MOE=1, POLICY=fixed, KERNEL=triton_kernels
-    extra           SGLANG_ADAPTIVE_MOE=1, POLICY=measure, EXTRA_KERNELS=triton_tuned,small_batch,
+    extra           SGLANG_ADAPTIVE_MOE=1, POLICY=measure,
+                    EXTRA_KERNELS=triton_tuned,triton_kernels_tuned,small_batch,
                     PLAN=<fresh path>: a first start that also measures the opt-in candidates
 """
 
@@ -69,9 +70,9 @@ MODES: Mapping[str, Mode] = MappingProxyType(
             ),
             Mode(
                 "extra",
-                _ON | {POLICY: "measure", EXTRA_KERNELS: "triton_tuned,small_batch"},
+                _ON | {POLICY: "measure", EXTRA_KERNELS: "triton_tuned,triton_kernels_tuned,small_batch"},
                 "write",
-                "first start, triton_tuned and small_batch measured too",
+                "first start, the opt-in candidates measured too",
             ),
         )
     }

@@ -11,7 +11,7 @@ Enable:
     python -m sglang.launch_server --model-path <gpt-oss bf16> --enable-adaptive-moe \
         [--adaptive-moe-policy measure|threshold|fixed] [--adaptive-moe-batch-threshold 1536] \
         [--adaptive-moe-kernel triton|triton_kernels] [--adaptive-moe-plan plan.json] \
-        [--adaptive-moe-extra-kernels triton_tuned,small_batch]
+        [--adaptive-moe-extra-kernels triton_tuned,triton_kernels_tuned,small_batch]
     offline Engine(...): the same through SGLANG_ADAPTIVE_MOE=1, SGLANG_ADAPTIVE_MOE_POLICY,
         SGLANG_ADAPTIVE_MOE_BATCH_THRESHOLD, SGLANG_ADAPTIVE_MOE_KERNEL, SGLANG_ADAPTIVE_MOE_PLAN,
         SGLANG_ADAPTIVE_MOE_EXTRA_KERNELS
@@ -24,7 +24,7 @@ Modules, one job each:
     layer_hooks.py     TopK/UnquantizedFusedMoEMethod/ModelRunner.load_model: per-call switching
     probe.py           both kernels timed on the model's layers in CUDA graphs, per size (graphs/)
     startup.py         before graph capture: plan or probe -> the rule; TP agreement; NVTX replays
-    extras.py          the opt-in candidates triton_tuned and small_batch, set up before the probe
+    extras.py          the opt-in candidates (triton_tuned, triton_kernels_tuned, small_batch), set up before the probe
 
 `load()` runs in the launcher and in every scheduler process (SGLang calls `load_plugins()`
 in each). It always registers the launcher hooks (inert while the flag is off) and, only

@@ -2,6 +2,9 @@
 
     triton_tuned  a tuned table (moe_dispatch.tuned_configs) for the layers' shape, this GPU and
                   Triton version -> the Triton runner runs inside the table's tile configs
+    triton_kernels_tuned
+                  a flags table (moe_dispatch.tk_flags_table) for the same key -> the triton_kernels
+                  runner runs with the table's opt flags per matmul
     small_batch   our decode kernel (moe_dispatch.backends.small_batch), prepared per layer over
                   the layer's own Triton-layout weights (no copy); it routes from the router
                   logits that SGLang's standard top-k output carries
@@ -17,7 +20,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from moe_dispatch.sglang_plugin.kernel_switch import SMALL_BATCH_BACKEND, TUNED_KERNEL, KernelSwitch
+from moe_dispatch.sglang_plugin.kernel_switch import SMALL_BATCH_BACKEND, TK_TUNED_KERNEL, TUNED_KERNEL, KernelSwitch
 
 logger = logging.getLogger("moe_dispatch.sglang_plugin")
 
@@ -25,7 +28,8 @@ logger = logging.getLogger("moe_dispatch.sglang_plugin")
 def enable(names: Sequence[str], pairs: list[tuple[Any, Any]], switch: KernelSwitch, rank0: bool) -> None:
     """Enable each requested extra candidate that can run on these (TopK, FusedMoE) pairs."""
     for name in names:
-        reason = {TUNED_KERNEL: enable_tuned, SMALL_BATCH_BACKEND: enable_small_batch}[name](pairs, switch)
+        setup = {TUNED_KERNEL: enable_tuned, TK_TUNED_KERNEL: enable_tk_tuned, SMALL_BATCH_BACKEND: enable_small_batch}
+        reason = setup[name](pairs, switch)
         if rank0:
             if reason is None:
                 logger.info("adaptive MoE: %s is a candidate for %d layer(s)", name, len(pairs))
@@ -46,6 +50,26 @@ def enable_tuned(pairs: list[tuple[Any, Any]], switch: KernelSwitch) -> str | No
     if table is None:
         return f"no tuned table for {shape_key(spec)} on this GPU and Triton (python -m bench.tune makes one)"
     switch.enable_tuned(table, [moe.quant_method for _topk, moe in pairs])
+    return None
+
+
+def enable_tk_tuned(pairs: list[tuple[Any, Any]], switch: KernelSwitch) -> str | None:
+    """triton_kernels_tuned from the flags table for `switch.first_spec`; None when enabled, else why not."""
+    from moe_dispatch.tk_flags_table import find_tk_table
+    from moe_dispatch.tuned_configs import TunedConfigError, shape_key
+
+    spec = switch.first_spec
+    assert spec is not None
+    try:
+        table = find_tk_table(spec)
+    except TunedConfigError as error:
+        return f"triton_kernels flags table unusable: {error}"
+    if table is None:
+        return (
+            f"no triton_kernels flags table for {shape_key(spec)} on this GPU and Triton "
+            "(python -m bench.tk_flags_probe --tables DIR makes one)"
+        )
+    switch.enable_tk_tuned(table, [moe.quant_method for _topk, moe in pairs])
     return None
 
 

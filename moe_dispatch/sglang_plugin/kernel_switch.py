@@ -15,10 +15,11 @@ eager batches. The rule is one of:
     FixedRule      policy "fixed": one kernel everywhere
 The switch also holds the set of TopK modules that are adaptive (paired with an
 unquantized FusedMoE); every other TopK runs stock. With `--adaptive-moe-extra-kernels`, more
-candidates join the measured ones for the layers given to `enable_tuned` / `enable_small_batch`:
-`triton_tuned` (the Triton runner with a tuned table's tile configs) and `small_batch` (our
-decode kernel, called with the router logits of SGLang's standard top-k output). Pure Python,
-no SGLang.
+candidates join the measured ones for the layers given to `enable_tuned` / `enable_tk_tuned` /
+`enable_small_batch`: `triton_tuned` (the Triton runner with a tuned table's tile configs),
+`triton_kernels_tuned` (the triton_kernels runner with a flags table's opt flags) and
+`small_batch` (our decode kernel, called with the router logits of SGLang's standard top-k
+output). Pure Python, no SGLang.
 """
 
 from __future__ import annotations
@@ -37,11 +38,12 @@ from moe_dispatch.spec import MoESpec
 
 # The two runners, in the names plans and policies use.
 KERNELS: tuple[str, ...] = (SMALL_BATCH_KERNEL, LARGE_BATCH_KERNEL)  # ("triton", "triton_kernels")
-# Opt-in candidates: the Triton runner with tuned tile configs (`enable_tuned`), our decode kernel
-# (`enable_small_batch`).
+# Opt-in candidates: the Triton runner with tuned tile configs (`enable_tuned`), the triton_kernels
+# runner with tuned opt flags (`enable_tk_tuned`), our decode kernel (`enable_small_batch`).
 TUNED_KERNEL = "triton_tuned"
+TK_TUNED_KERNEL = "triton_kernels_tuned"
 SMALL_BATCH_BACKEND = "small_batch"
-ALL_KERNELS: tuple[str, ...] = (*KERNELS, TUNED_KERNEL, SMALL_BATCH_BACKEND)
+ALL_KERNELS: tuple[str, ...] = (*KERNELS, TUNED_KERNEL, TK_TUNED_KERNEL, SMALL_BATCH_BACKEND)
 
 
 def check_kernel(kernel: str) -> str:
@@ -148,13 +150,21 @@ class KernelSwitch:
         # UnquantizedFusedMoEMethod objects of the layers it applies to.
         self.tuned_table: Any = None
         self._tuned_methods: weakref.WeakSet[object] = weakref.WeakSet()
+        # triton_kernels_tuned: the flags table (a moe_dispatch.tk_flags_table.TkFlagsTable) and
+        # the UnquantizedFusedMoEMethod objects of the layers it applies to.
+        self.tk_table: Any = None
+        self._tk_methods: weakref.WeakSet[object] = weakref.WeakSet()
         # small_batch: UnquantizedFusedMoEMethod -> its layer's prepared small_batch kernel.
         self._small_batch: weakref.WeakKeyDictionary[object, Any] = weakref.WeakKeyDictionary()
 
     @property
     def kernels(self) -> tuple[str, ...]:
         """The candidates the start-up measures: the two runners, plus each enabled extra one."""
-        enabled = {TUNED_KERNEL: self.tuned_table is not None, SMALL_BATCH_BACKEND: bool(self._small_batch)}
+        enabled = {
+            TUNED_KERNEL: self.tuned_table is not None,
+            TK_TUNED_KERNEL: self.tk_table is not None,
+            SMALL_BATCH_BACKEND: bool(self._small_batch),
+        }
         return (*KERNELS, *(name for name, on in enabled.items() if on))
 
     def enable_small_batch(self, kernels: Mapping[object, Any]) -> None:
@@ -180,11 +190,27 @@ class KernelSwitch:
             return None
         return self.tuned_table.config_for(num_tokens)
 
+    def enable_tk_tuned(self, table: Any, methods: Iterable[object]) -> None:
+        """Make triton_kernels_tuned a candidate: `table`'s flags for the layers whose methods are given."""
+        self.tk_table = table
+        self._tk_methods = weakref.WeakSet(methods)
+
+    def tk_flags(self, method: object, num_tokens: int) -> Any:
+        """The table's TkBucket when this call of `method`'s layer runs triton_kernels_tuned, else None
+        (also None when no bucket is within 2x: triton_kernels' own flags)."""
+        if self.tk_table is None or method not in self._tk_methods:
+            return None
+        if self.kernel_for(num_tokens) != TK_TUNED_KERNEL:
+            return None
+        return self.tk_table.flags_for(num_tokens)
+
     def configure(self, settings: AdaptiveMoESettings) -> None:
         self.settings = settings
         self.rule = static_rule(settings)
         self.tuned_table = None
         self._tuned_methods = weakref.WeakSet()
+        self.tk_table = None
+        self._tk_methods = weakref.WeakSet()
         self._small_batch = weakref.WeakKeyDictionary()
 
     @property

@@ -33,6 +33,7 @@ import torch
 from moe_dispatch.backends.base import Support
 from moe_dispatch.backends.sglang_tile_override import sglang_tile_configs
 from moe_dispatch.backends.tk_flags import call_with_view_flags
+from moe_dispatch.backends.tk_matmul_flags import scoped_matmul_flags
 from moe_dispatch.backends.triton_kernels_backend import top_k_support
 from moe_dispatch.sglang_plugin import targets
 from moe_dispatch.sglang_plugin.kernel_switch import SWITCH, KernelSwitch
@@ -70,6 +71,7 @@ def _sgl() -> types.SimpleNamespace:
             "triton_tuned": TopKOutputFormat.STANDARD,
             "small_batch": TopKOutputFormat.STANDARD,  # it reads the router logits this output carries
             "triton_kernels": TopKOutputFormat.TRITON_KERNEL,
+            "triton_kernels_tuned": TopKOutputFormat.TRITON_KERNEL,
         },
     )
 
@@ -134,14 +136,18 @@ def around_unquant_forward_cuda(original: Any, method: Any, layer: Any, dispatch
         with sglang_tile_configs(tuned):  # read while SGLang resolves the configs: at capture, once
             return original(method, layer, dispatch_output)
     info = tk_quant_info(layer)
-    # Small calls on views of narrow shards need the persistent kernel (moe_dispatch.backends.tk_flags).
-    return call_with_view_flags(
-        lambda: runner.run(dispatch_output, info),
-        dispatch_output.hidden_states.shape[0],
-        dispatch_output.topk_output.routing_data.n_expts_act,
-        info.w13_weight,
-        info.w2_weight,
-    )
+    num_tokens = dispatch_output.hidden_states.shape[0]
+    tuned = SWITCH.tk_flags(method, num_tokens)  # triton_kernels_tuned: the table's flags per matmul
+    flags = {} if tuned is None else tuned.by_gemm(layer.w2_weight.shape[-2], layer.w2_weight.shape[-1])
+    with scoped_matmul_flags(flags):  # read while matmul_ogs picks its flags: at capture, once
+        # Small calls on views of narrow shards need the persistent kernel (moe_dispatch.backends.tk_flags).
+        return call_with_view_flags(
+            lambda: runner.run(dispatch_output, info),
+            num_tokens,
+            dispatch_output.topk_output.routing_data.n_expts_act,
+            info.w13_weight,
+            info.w2_weight,
+        )
 
 
 _warned_logits: set[str] = set()

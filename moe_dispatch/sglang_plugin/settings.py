@@ -32,7 +32,7 @@ POLICIES: tuple[str, ...] = ("measure", "threshold", "fixed")
 # The runners one layer switches between (policy "fixed" names one of them).
 FIXED_KERNELS: tuple[str, ...] = ("triton", "triton_kernels")
 # Candidates policy "measure" may add (opt-in until each has run inside the engine on a GPU).
-EXTRA_KERNELS: tuple[str, ...] = ("triton_tuned", "small_batch")
+EXTRA_KERNELS: tuple[str, ...] = ("triton_tuned", "triton_kernels_tuned", "small_batch")
 DEFAULT_BATCH_THRESHOLD = 1536
 
 # Field name -> environment variable.
@@ -76,7 +76,9 @@ class AdaptiveMoESettings:
     plan_path: JSON plan file: a matching one skips the measurement; a measurement is saved there.
     extra_kernels: candidates policy "measure" times beside the two runners, where they can run:
         "triton_tuned" (SGLang's Triton runner with the tile configs of a tuned table for this GPU,
-        Triton version and layer shape; see moe_dispatch.tuned_configs) and "small_batch" (our
+        Triton version and layer shape; see moe_dispatch.tuned_configs), "triton_kernels_tuned"
+        (the triton_kernels runner with a flags table's opt flags; moe_dispatch.tk_flags_table) and
+        "small_batch" (our
         decode kernel, up to its max_tokens). Opt-in: the probe times uniform routing, and
         small_batch loses to grouped GEMMs when a model routes few experts (README: decode sizes).
     """
