@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import functools
 import json
 import statistics
 import sys
@@ -49,6 +50,7 @@ def recorded_opt_flags() -> Iterator[list[dict] | None]:
         return
     seen: list[dict] = []
 
+    @functools.wraps(original)  # keeps make_opt_flags' parameters visible (tk_matmul_flags binds them)
     def recording(*args, **kwargs):
         flags = original(*args, **kwargs)
         seen.append({f: getattr(flags, f, None) for f in FLAG_FIELDS})

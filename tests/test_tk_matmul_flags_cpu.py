@@ -4,6 +4,7 @@ variants bench.tk_flags_probe sweeps: pure Python, with a stand-in matmul_ogs mo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import types
@@ -79,6 +80,26 @@ def test_scoped_flags_steer_only_the_named_gemm_and_restore():
     assert MatmulFlags.of(down_flags) == down
     assert (down_flags.group_m, down_flags.split_k) == (8, 1)  # fields outside the six stay its own
     assert module.make_opt_flags is original
+
+
+def test_scoped_flags_see_through_a_wrapping_recorder():
+    """A functools.wraps wrapper (e.g. bench.tk_views_probe's recorder) does not hide n and k;
+    a bare (*args) wrapper with no triton_kernels to read the parameters from is refused."""
+    module = fake_matmul_ogs()
+    plain = module.make_opt_flags
+
+    @functools.wraps(plain)
+    def recorder(*args, **kwargs):
+        return plain(*args, **kwargs)
+
+    module.make_opt_flags = recorder
+    flags = MatmulFlags(False, 32, 64, 64, 4, 2)
+    with scoped_matmul_flags({(256, 192): flags}, module=module):
+        assert MatmulFlags.of(_call(module, 256, 192)) == flags
+    module.make_opt_flags = lambda *args, **kwargs: plain(*args, **kwargs)
+    with pytest.raises(RuntimeError, match="cannot tell the GEMM's n and k"):
+        with scoped_matmul_flags({(256, 192): flags}, module=module):
+            pass
 
 
 def test_scoped_flags_leave_inner_block_k_and_no_tma_calls_alone_and_restore_on_error():

@@ -101,8 +101,23 @@ def _matmul_ogs_module() -> object | None:
     return module if callable(getattr(module, "make_opt_flags", None)) else None
 
 
+def _arguments_of(installed) -> inspect.Signature:
+    """The parameters (m, n, k, ...) of the make_opt_flags in place, through any functools.wraps
+    wrapper; for a bare (*args, **kwargs) wrapper, those of triton_kernels' own definition."""
+    signature = inspect.signature(inspect.unwrap(installed))
+    if {"n", "k"} <= set(signature.parameters):
+        return signature
+    try:
+        from triton_kernels.matmul_ogs_details.opt_flags import make_opt_flags
+    except Exception:
+        make_opt_flags = None
+    if make_opt_flags is None or not {"n", "k"} <= set(inspect.signature(make_opt_flags).parameters):
+        raise RuntimeError(f"cannot tell the GEMM's n and k from make_opt_flags{signature}: refusing to steer blindly")
+    return inspect.signature(make_opt_flags)
+
+
 def _steering(original, flags_by_gemm: Mapping[tuple[int, int], MatmulFlags]):
-    signature = inspect.signature(original)
+    signature = _arguments_of(original)
 
     def steered(*args, **kwargs):
         flags = original(*args, **kwargs)
