@@ -19,24 +19,26 @@ it returns None (triton_kernels' own flags).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from moe_dispatch.backends.tk_matmul_flags import MatmulFlags, gemm_keys
 from moe_dispatch.spec import MoESpec
-from moe_dispatch.tuned_configs import (
+from moe_dispatch.table_files import (
     TunedConfigError,
     TunedKey,
-    content_sha256,
-    current_key,
-    table_path,
-    tuned_directories,
+    check_envelope,
+    check_key,
+    checked_table,
+    error_reason,
+    parse_buckets,
+    read_table_file,
+    table_json,
     write_json_atomic,
 )
+from moe_dispatch.tuned_configs import find_table, table_path
 
 FORMAT = "moe-dispatch-tk-flags"
 SCHEMA = 1
@@ -82,16 +84,7 @@ class TkFlagsTable:
     notes: str = ""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.key, TunedKey):
-            raise TypeError(f"TkFlagsTable.key must be a TunedKey, got {type(self.key).__name__}")
-        if not isinstance(self.buckets, Mapping) or not self.buckets:
-            raise ValueError("TkFlagsTable.buckets must be a non-empty mapping of bucket -> TkBucket")
-        for bucket, entry in self.buckets.items():
-            if isinstance(bucket, bool) or not isinstance(bucket, int) or bucket <= 0:
-                raise ValueError(f"bucket {bucket!r} must be a positive int (tokens)")
-            if not isinstance(entry, TkBucket):
-                raise TypeError(f"bucket {bucket}: expected a TkBucket, got {type(entry).__name__}")
-        object.__setattr__(self, "buckets", dict(sorted(self.buckets.items())))
+        object.__setattr__(self, "buckets", checked_table(self, TkBucket))
 
     def flags_for(self, num_tokens: int) -> TkBucket | None:
         """The nearest bucket (in log2 distance; ties to the larger) within 2x of `num_tokens`, else None."""
@@ -107,51 +100,33 @@ class TkFlagsTable:
         def flags(f: MatmulFlags | None) -> str | None:
             return None if f is None else f.label()
 
-        data = {
-            "format": FORMAT,
-            "schema": SCHEMA,
-            "key": dataclasses.asdict(self.key),
-            "created": self.created,
-            "tool": self.tool,
-            "notes": self.notes,
-            "buckets": {
-                str(b): {"up": flags(e.up), "down": flags(e.down), "default_us": e.default_us, "tuned_us": e.tuned_us}
+        return table_json(
+            self,
+            FORMAT,
+            SCHEMA,
+            {
+                b: {"up": flags(e.up), "down": flags(e.down), "default_us": e.default_us, "tuned_us": e.tuned_us}
                 for b, e in self.buckets.items()
             },
-        }
-        data["sha256"] = content_sha256(data)
-        return data
+        )
 
     @staticmethod
     def from_json(data: object, source: str = "<memory>") -> TkFlagsTable:
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            found = data.get("format") if isinstance(data, dict) else type(data).__name__
-            raise TunedConfigError(f"{source} is not a moe-dispatch triton_kernels flags file (format={found!r})")
-        if data.get("schema") != SCHEMA:
-            raise TunedConfigError(f"{source} has schema {data.get('schema')!r}, this moe-dispatch reads {SCHEMA}")
-        try:
-            stored, actual = data.get("sha256"), content_sha256(data)
-        except ValueError as error:
-            raise TunedConfigError(f"{source} is not plain JSON: {error}") from None
-        if stored != actual:
-            raise TunedConfigError(
-                f"{source} fails its checksum (stored {stored!r}, content {actual!r}): edited or damaged; re-tune"
-            )
+        """Check format, schema and checksum, then build; TunedConfigError naming `source`."""
+        check_envelope(data, source, FORMAT, SCHEMA, "triton_kernels flags file")
 
         def flags(label: object) -> MatmulFlags | None:
             return None if label is None else MatmulFlags.from_label(label)
 
+        def entry(bucket: dict) -> TkBucket:
+            times = {f: bucket.get(f) for f in ("default_us", "tuned_us")}
+            return TkBucket(flags(bucket["up"]), flags(bucket["down"]), **times)
+
         try:
-            buckets = {}
-            for name, entry in data["buckets"].items():
-                if not re.fullmatch(r"[1-9][0-9]*", name):
-                    raise ValueError(f"bucket {name!r} is not a positive int")
-                times = {f: entry.get(f) for f in ("default_us", "tuned_us")}
-                buckets[int(name)] = TkBucket(flags(entry["up"]), flags(entry["down"]), **times)
+            buckets = parse_buckets(data, entry)
             return TkFlagsTable(TunedKey(**data["key"]), buckets, data["created"], data["tool"], data["notes"])
         except (KeyError, TypeError, ValueError, AttributeError) as error:
-            why = f"missing field {error}" if isinstance(error, KeyError) else str(error)
-            raise TunedConfigError(f"{source} holds invalid flags: {why}") from None
+            raise TunedConfigError(f"{source} holds invalid flags: {error_reason(error)}") from None
 
 
 def tk_table_path(key: TunedKey, directory: str | os.PathLike) -> Path:
@@ -166,16 +141,8 @@ def save_tk_table(table: TkFlagsTable, directory: str | os.PathLike) -> Path:
 def load_tk_table(path: str | os.PathLike, expect: TunedKey | None = None) -> TkFlagsTable:
     """The table in `path`; TunedConfigError when unreadable, foreign, tampered, invalid or stale."""
     source = f"triton_kernels flags {path}"
-    try:
-        data = json.loads(Path(path).read_text())
-    except OSError as error:
-        raise TunedConfigError(f"cannot read {source}: {error}") from None
-    except json.JSONDecodeError as error:
-        raise TunedConfigError(f"{source} is not valid JSON: {error}") from None
-    table = TkFlagsTable.from_json(data, source=source)
-    if expect is not None and (problems := table.key.mismatches(expect)):
-        stale = "; ".join(problems)
-        raise TunedConfigError(f"{source} is stale ({stale}); re-tune with python -m bench.tk_flags_probe")
+    table = TkFlagsTable.from_json(read_table_file(path, "triton_kernels flags"), source=source)
+    check_key(table.key, expect, source, "python -m bench.tk_flags_probe")
     return table
 
 
@@ -183,9 +150,4 @@ def find_tk_table(
     spec: MoESpec, directories: Sequence[str | os.PathLike] | None = None, key: TunedKey | None = None
 ) -> TkFlagsTable | None:
     """The first table for `key` (default: this GPU and Triton) in `directories` (default: tuned_directories())."""
-    key = key or current_key(spec)
-    for directory in tuned_directories() if directories is None else directories:
-        path = tk_table_path(key, directory)
-        if path.exists():
-            return load_tk_table(path, expect=key)
-    return None
+    return find_table(spec, directories, key, path_for=tk_table_path, load=load_tk_table)

@@ -16,21 +16,30 @@ fused_moe use one bucket's configs for the duration of a call.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
-import json
 import math
 import os
 import re
-import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from moe_dispatch.spec import MoESpec
+from moe_dispatch.table_files import (
+    TunedConfigError,
+    TunedKey,
+    check_envelope,
+    check_key,
+    checked_table,
+    error_reason,
+    is_int,
+    parse_buckets,
+    read_table_file,
+    table_json,
+    write_json_atomic,
+)
 
 FORMAT = "moe-dispatch-tuned-configs"
 SCHEMA = 1
@@ -50,14 +59,6 @@ _TRITON_DEFAULTS = {"num_warps": 4, "num_stages": 3}
 _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
-class TunedConfigError(ValueError):
-    """A tuned-config file that cannot be used: unreadable, foreign, tampered, stale or invalid."""
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _power_of_two(value: int) -> bool:
     return value > 0 and value & (value - 1) == 0
 
@@ -75,7 +76,7 @@ class TileConfig:
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
-            if not _is_int(getattr(self, field.name)):
+            if not is_int(getattr(self, field.name)):
                 raise ValueError(f"TileConfig.{field.name} must be an int, got {getattr(self, field.name)!r}")
         for field in ("block_m", "block_n", "block_k"):
             value = getattr(self, field)
@@ -141,29 +142,6 @@ class BucketConfig:
         return f"up={self.up.label()} down={self.down.label()}"
 
 
-@dataclasses.dataclass(frozen=True)
-class TunedKey:
-    """Where a table holds: the GPU name, the Triton version and the MoE shape (`shape_key`)."""
-
-    gpu: str
-    triton_version: str
-    shape: str
-
-    def __post_init__(self) -> None:
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if not isinstance(value, str) or not value:
-                raise ValueError(f"TunedKey.{field.name} must be a non-empty str, got {value!r}")
-
-    def mismatches(self, here: TunedKey) -> list[str]:
-        """'field: file has X, here Y' for each differing field."""
-        return [
-            f"{f.name}: file has {getattr(self, f.name)!r}, here {getattr(here, f.name)!r}"
-            for f in dataclasses.fields(self)
-            if getattr(self, f.name) != getattr(here, f.name)
-        ]
-
-
 def shape_key(spec: MoESpec) -> str:
     """What changes the kernels' best tiles, e.g. 'E=128,H=2880,I=360,k=4,bf16,swiglu,bias'."""
     return (
@@ -192,41 +170,26 @@ class TunedTable:
     notes: str = ""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.key, TunedKey):
-            raise TypeError(f"TunedTable.key must be a TunedKey, got {type(self.key).__name__}")
-        if not isinstance(self.buckets, Mapping) or not self.buckets:
-            raise ValueError("TunedTable.buckets must be a non-empty mapping of bucket -> BucketConfig")
-        for bucket, config in self.buckets.items():
-            if not _is_int(bucket) or bucket <= 0:
-                raise ValueError(f"bucket {bucket!r} must be a positive int (tokens)")
-            if not isinstance(config, BucketConfig):
-                raise TypeError(f"bucket {bucket}: expected a BucketConfig, got {type(config).__name__}")
-        for field in ("created", "tool", "notes"):
-            if not isinstance(getattr(self, field), str):
-                raise TypeError(f"TunedTable.{field} must be a str, got {getattr(self, field)!r}")
-        object.__setattr__(self, "buckets", dict(sorted(self.buckets.items())))  # a copy, ascending
+        object.__setattr__(self, "buckets", checked_table(self, BucketConfig))  # a copy, ascending
 
     def config_for(self, num_tokens: int) -> BucketConfig:
         """The nearest bucket's config (by |bucket - num_tokens|, as SGLang's own lookup).
 
         Ties go to the larger bucket (SGLang's min over its file order picks the smaller).
         """
-        if not _is_int(num_tokens) or num_tokens < 0:
+        if not is_int(num_tokens) or num_tokens < 0:
             raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
         nearest = min(self.buckets, key=lambda b: (abs(b - num_tokens), -b))
         return self.buckets[nearest]
 
     def to_json(self) -> dict:
         """The file's content, checksum included."""
-        data = {
-            "format": FORMAT,
-            "schema": SCHEMA,
-            "key": dataclasses.asdict(self.key),
-            "created": self.created,
-            "tool": self.tool,
-            "notes": self.notes,
-            "buckets": {
-                str(bucket): {
+        return table_json(
+            self,
+            FORMAT,
+            SCHEMA,
+            {
+                bucket: {
                     "up": c.up.to_sglang(),
                     "down": c.down.to_sglang(),
                     "up_ms": c.up_ms,
@@ -235,60 +198,22 @@ class TunedTable:
                 }
                 for bucket, c in self.buckets.items()
             },
-        }
-        data["sha256"] = content_sha256(data)
-        return data
+        )
 
     @staticmethod
     def from_json(data: object, source: str = "<memory>") -> TunedTable:
         """Check format, schema and checksum, then build; TunedConfigError naming `source`."""
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            found = data.get("format") if isinstance(data, dict) else type(data).__name__
-            raise TunedConfigError(f"{source} is not a moe-dispatch tuned-config file (format={found!r})")
-        if data.get("schema") != SCHEMA:
-            raise TunedConfigError(
-                f"{source} has schema {data.get('schema')!r}, this moe-dispatch reads schema {SCHEMA}; re-tune"
-            )
+        check_envelope(data, source, FORMAT, SCHEMA, "tuned-config file")
+
+        def entry(bucket: dict) -> BucketConfig:
+            up, down = TileConfig.from_sglang(bucket["up"]), TileConfig.from_sglang(bucket["down"])
+            return BucketConfig(up, down, **{f: bucket.get(f) for f in ("up_ms", "down_ms", "default_ms")})
+
         try:
-            stored, actual = data.get("sha256"), content_sha256(data)
-        except ValueError as error:
-            raise TunedConfigError(f"{source} is not plain JSON: {error}") from None
-        if stored != actual:
-            raise TunedConfigError(
-                f"{source} fails its checksum (stored sha256 {stored!r}, content hashes to {actual!r}): "
-                "it was edited or damaged after bench.tune wrote it; re-tune rather than edit"
-            )
-        try:
-            key = TunedKey(**data["key"])
-            buckets = {}
-            for name, entry in data["buckets"].items():
-                if not re.fullmatch(r"[1-9][0-9]*", name):
-                    raise ValueError(f"bucket {name!r} is not a positive int")
-                try:
-                    buckets[int(name)] = BucketConfig(
-                        up=TileConfig.from_sglang(entry["up"]),
-                        down=TileConfig.from_sglang(entry["down"]),
-                        **{f: entry.get(f) for f in ("up_ms", "down_ms", "default_ms")},
-                    )
-                except (KeyError, TypeError, ValueError, AttributeError) as error:
-                    raise ValueError(f"bucket {name}: {_why(error)}") from None
-            return TunedTable(key, buckets, data["created"], data["tool"], data["notes"])
+            buckets = parse_buckets(data, entry)
+            return TunedTable(TunedKey(**data["key"]), buckets, data["created"], data["tool"], data["notes"])
         except (KeyError, TypeError, ValueError, AttributeError) as error:
-            raise TunedConfigError(f"{source} holds invalid configs: {_why(error)}") from None
-
-
-def _why(error: Exception) -> str:
-    return f"missing field {error}" if isinstance(error, KeyError) else str(error)
-
-
-def content_sha256(data: Mapping[str, Any]) -> str:
-    """sha256 of the canonical JSON of everything but the checksum itself."""
-    content = {k: v for k, v in data.items() if k != "sha256"}
-    text = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)  # ValueError on NaN
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-# ---- files -------------------------------------------------------------------------------------
+            raise TunedConfigError(f"{source} holds invalid configs: {error_reason(error)}") from None
 
 
 def _slug(text: str, sep: str) -> str:
@@ -301,22 +226,6 @@ def table_path(key: TunedKey, directory: str | os.PathLike) -> Path:
     return Path(directory) / _slug(key.gpu, "-") / f"triton_{_slug(key.triton_version, '_')}" / f"{shape}.json"
 
 
-def write_json_atomic(path: Path, data: Mapping[str, Any]) -> Path:
-    """Write `data` as JSON to `path` (temp file + rename, parents made); returns the path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
-
-
 def save_table(table: TunedTable, directory: str | os.PathLike) -> Path:
     """Write `table` under `directory` atomically; returns the path."""
     return write_json_atomic(table_path(table.key, directory), table.to_json())
@@ -325,21 +234,8 @@ def save_table(table: TunedTable, directory: str | os.PathLike) -> Path:
 def load_table(path: str | os.PathLike, expect: TunedKey | None = None) -> TunedTable:
     """The table in `path`; TunedConfigError when unreadable, foreign, tampered, invalid or
     (with `expect`) tuned for another GPU, Triton version or shape."""
-    try:
-        text = Path(path).read_text()
-    except OSError as error:
-        raise TunedConfigError(f"cannot read tuned configs {path}: {error}") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise TunedConfigError(f"tuned configs {path} are not valid JSON: {error}") from None
-    table = TunedTable.from_json(data, source=f"tuned configs {path}")
-    if expect is not None:
-        problems = table.key.mismatches(expect)
-        if problems:
-            raise TunedConfigError(
-                f"tuned configs {path} are stale ({'; '.join(problems)}); re-tune with python -m bench.tune"
-            )
+    table = TunedTable.from_json(read_table_file(path, "tuned configs"), source=f"tuned configs {path}")
+    check_key(table.key, expect, f"tuned configs {path}", "python -m bench.tune")
     return table
 
 
@@ -355,14 +251,18 @@ def tuned_directories() -> tuple[Path, ...]:
 
 
 def find_table(
-    spec: MoESpec, directories: Sequence[str | os.PathLike] | None = None, key: TunedKey | None = None
-) -> TunedTable | None:
+    spec: MoESpec,
+    directories: Sequence[str | os.PathLike] | None = None,
+    key: TunedKey | None = None,
+    path_for: Callable[[TunedKey, str | os.PathLike], Path] = table_path,
+    load: Callable[..., Any] = load_table,
+) -> Any:
     """The first table for `key` (default: `current_key(spec)`) in `directories` (default:
     `tuned_directories()`); None when there is none. A present but unusable file raises
-    TunedConfigError."""
+    TunedConfigError. `path_for` and `load`: another table kind's (tk_flags_table)."""
     key = key or current_key(spec)
     for directory in tuned_directories() if directories is None else directories:
-        path = table_path(key, directory)
+        path = path_for(key, directory)
         if path.exists():
-            return load_table(path, expect=key)
+            return load(path, expect=key)
     return None

@@ -12,6 +12,7 @@ import torch
 from moe_dispatch.backends.sglang_tile_override import sglang_tile_configs
 from moe_dispatch.backends.sglang_triton_tuned import SGLangTritonTunedBackend, tune_command
 from moe_dispatch.spec import MoESpec, preset
+from moe_dispatch.table_files import content_sha256
 from moe_dispatch.tuned_configs import (
     TUNED_DIR_ENV,
     BucketConfig,
@@ -19,7 +20,6 @@ from moe_dispatch.tuned_configs import (
     TunedConfigError,
     TunedKey,
     TunedTable,
-    content_sha256,
     default_tuned_dir,
     find_table,
     load_table,

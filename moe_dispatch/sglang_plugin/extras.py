@@ -17,7 +17,7 @@ files, same layers), so the candidate lists agree.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from moe_dispatch.sglang_plugin.kernel_switch import SMALL_BATCH_BACKEND, TK_TUNED_KERNEL, TUNED_KERNEL, KernelSwitch
@@ -39,37 +39,41 @@ def enable(names: Sequence[str], pairs: list[tuple[Any, Any]], switch: KernelSwi
 
 def enable_tuned(pairs: list[tuple[Any, Any]], switch: KernelSwitch) -> str | None:
     """triton_tuned from the tuned table for `switch.first_spec`; None when enabled, else why not."""
-    from moe_dispatch.tuned_configs import TunedConfigError, find_table, shape_key
+    from moe_dispatch.tuned_configs import find_table
 
-    spec = switch.first_spec
-    assert spec is not None
-    try:
-        table = find_table(spec)
-    except TunedConfigError as error:
-        return f"tuned table unusable: {error}"
-    if table is None:
-        return f"no tuned table for {shape_key(spec)} on this GPU and Triton (python -m bench.tune makes one)"
-    switch.enable_tuned(table, [moe.quant_method for _topk, moe in pairs])
-    return None
+    return _enable_from_table(pairs, switch, find_table, "tuned table", "python -m bench.tune", switch.enable_tuned)
 
 
 def enable_tk_tuned(pairs: list[tuple[Any, Any]], switch: KernelSwitch) -> str | None:
     """triton_kernels_tuned from the flags table for `switch.first_spec`; None when enabled, else why not."""
     from moe_dispatch.tk_flags_table import find_tk_table
+
+    command = "python -m bench.tk_flags_probe --tables DIR"
+    return _enable_from_table(
+        pairs, switch, find_tk_table, "triton_kernels flags table", command, switch.enable_tk_tuned
+    )
+
+
+def _enable_from_table(
+    pairs: list[tuple[Any, Any]],
+    switch: KernelSwitch,
+    find: Callable[[Any], Any],
+    what: str,
+    command: str,
+    enable: Callable[[Any, list[object]], None],
+) -> str | None:
+    """Find the table `what` for `switch.first_spec` and `enable` it for the pairs' layers; else why not."""
     from moe_dispatch.tuned_configs import TunedConfigError, shape_key
 
     spec = switch.first_spec
     assert spec is not None
     try:
-        table = find_tk_table(spec)
+        table = find(spec)
     except TunedConfigError as error:
-        return f"triton_kernels flags table unusable: {error}"
+        return f"{what} unusable: {error}"
     if table is None:
-        return (
-            f"no triton_kernels flags table for {shape_key(spec)} on this GPU and Triton "
-            "(python -m bench.tk_flags_probe --tables DIR makes one)"
-        )
-    switch.enable_tk_tuned(table, [moe.quant_method for _topk, moe in pairs])
+        return f"no {what} for {shape_key(spec)} on this GPU and Triton ({command} makes one)"
+    enable(table, [moe.quant_method for _topk, moe in pairs])
     return None
 
 
