@@ -211,3 +211,18 @@ def test_triton_kernels_tuned_lookup_names_the_file_it_wants(tmp_path):
         raise RuntimeError("no CUDA GPU is visible")
 
     assert "no CUDA GPU" in TritonKernelsTunedBackend([tmp_path], key_for=no_gpu).lookup(spec)[1].reason
+
+
+def test_the_shipped_h200_flags_table_loads():
+    """The GPT-OSS tp=8 flags table shipped for the H200 passes the schema, checksum and key checks;
+    each bucket stores flags only where they beat triton_kernels' own side by side."""
+    from moe_dispatch.tk_flags_table import find_tk_table
+    from moe_dispatch.tuned_configs import default_tuned_dir
+
+    table = find_tk_table(preset("gpt-oss-120b", tp=8), [default_tuned_dir()], key=KEY)
+    assert table is not None and sorted(table.buckets) == [32, 64, 128, 256, 512, 1024]
+    for bucket, entry in table.buckets.items():
+        if entry.up is None and entry.down is None:
+            assert entry.tuned_us == entry.default_us, bucket
+        else:
+            assert entry.tuned_us < entry.default_us * 0.99, bucket
