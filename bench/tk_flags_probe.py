@@ -36,6 +36,7 @@ import torch
 
 from bench.cli import positive_ints
 from bench.tk_flags_report import markdown, store_table
+from moe_dispatch.backends.tk_flags import default_block_n, next_power_of_2
 from moe_dispatch.backends.tk_matmul_flags import MatmulFlags, gemm_keys
 
 PHASES = ("up", "down")
@@ -43,10 +44,6 @@ BLOCK_NS = (64, 128, 256)
 BLOCK_KS = (32, 64, 128, 256)
 MAX_STAGES = 6
 REL_RMS_TOL = 1e-2  # bf16 outputs of two flag choices (different summation orders) vs each other
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def stages_that_fit(flags: MatmulFlags, smem_bytes: int) -> int:
@@ -83,7 +80,7 @@ def matmul_variants(default: MatmulFlags, n: int, k: int, smem_bytes: int) -> li
     out: list[MatmulFlags | None] = []
     for bn in BLOCK_NS:
         for bk in BLOCK_KS:
-            if bn <= max(16, _next_pow2(n)) and bk <= max(16, _next_pow2(k)):
+            if bn <= max(16, next_power_of_2(n)) and bk <= max(16, next_power_of_2(k)):
                 out.append(shaped(d.is_persistent, d.block_m, bn, bk))
     for m in (16, 32, 64, 128):
         out.append(shaped(d.is_persistent, m, d.block_n, d.block_k))
@@ -93,7 +90,7 @@ def matmul_variants(default: MatmulFlags, n: int, k: int, smem_bytes: int) -> li
         if 2 <= stages <= MAX_STAGES:
             out.append(dataclasses.replace(d, num_stages=stages))
     flip = not d.is_persistent
-    out.append(shaped(flip, d.block_m, 256 if n > 128 else max(16, min(128, _next_pow2(n))), d.block_k))
+    out.append(shaped(flip, d.block_m, default_block_n(n), d.block_k))
     kept: dict[MatmulFlags, None] = {}
     for v in out:
         if v is not None and v != d and stages_that_fit(v, smem_bytes) >= v.num_stages:
@@ -126,14 +123,15 @@ def _flag_map(variant: Variant, keys: dict[str, tuple[int, int]]) -> dict[tuple[
 # ---- GPU --------------------------------------------------------------------------------------
 
 
-def _recorded_defaults(kernel, x, logits) -> dict[str, MatmulFlags]:
+def _recorded_defaults(kernel, x, logits) -> tuple[dict[str, MatmulFlags], torch.Tensor]:
+    """triton_kernels' own flags of each matmul of one call, and that call's output."""
     from bench.tk_views_probe import recorded_opt_flags
 
     with recorded_opt_flags() as seen:
-        kernel.forward(x, logits)
+        out = kernel.forward(x, logits)
     if not seen or len(seen) != 2:
         raise RuntimeError(f"expected 2 matmul_ogs calls per MoE call, recorded {seen}")
-    return {p: MatmulFlags.of(f) for p, f in zip(PHASES, seen, strict=True)}
+    return {p: MatmulFlags.of(f) for p, f in zip(PHASES, seen, strict=True)}, out
 
 
 def _run(kernel, variant: Variant, keys, x, logits) -> torch.Tensor:
@@ -173,7 +171,7 @@ def warm(args) -> int:
         for T in args.tokens:
             t0 = time.time()
             x, logits = random_inputs(shard.spec, T, device="cuda", seed=1000 + T)
-            defaults = _recorded_defaults(shard.kernel, x, logits)
+            defaults, _ = _recorded_defaults(shard.kernel, x, logits)
             for variant in variants_for(defaults, shard.keys, shard.smem):
                 job += 1
                 if job % parts != index:
@@ -204,8 +202,8 @@ def probe_point(shard: Shard, T: int, replays: int, rounds: int, say) -> dict:
     from moe_dispatch.testing import error_stats
 
     x, logits = random_inputs(shard.spec, T, device="cuda", seed=1000 + T)
-    defaults = _recorded_defaults(shard.kernel, x, logits)
-    reference = shard.kernel.forward(x, logits).clone()
+    defaults, reference = _recorded_defaults(shard.kernel, x, logits)
+    reference = reference.clone()
     variants = variants_for(defaults, shard.keys, shard.smem)
     failed: dict[str, str] = {}
     pool, stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream()

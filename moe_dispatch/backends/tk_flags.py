@@ -110,8 +110,13 @@ class WeightOperand:
         return all(s * self.itemsize % TMA_STRIDE_BYTES == 0 for i, s in enumerate(strides) if i != unit)
 
 
-def _next_power_of_2(x: int) -> int:
+def next_power_of_2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
+
+
+def default_block_n(n: int) -> int:
+    """triton_kernels 3.6's block_n for a bf16 GEMM of N = n (compute_block_n, no microscaling)."""
+    return 256 if n > 128 else max(16, min(128, next_power_of_2(n)))
 
 
 def default_is_persistent(rows: int, weight: WeightOperand, num_sms: int) -> bool:
@@ -123,10 +128,10 @@ def default_is_persistent(rows: int, weight: WeightOperand, num_sms: int) -> boo
     num_experts = weight.experts
     tokens_per_expert = max(1, rows // num_experts)
     if tokens_per_expert <= 64:
-        block_m = max(16, min(_next_power_of_2(2 * tokens_per_expert), 64))
+        block_m = max(16, min(next_power_of_2(2 * tokens_per_expert), 64))
     else:
-        block_m = max(16, min(_next_power_of_2(tokens_per_expert), 128))
-    block_n = 256 if weight.n > 128 else max(16, min(128, _next_power_of_2(weight.n)))
+        block_m = max(16, min(next_power_of_2(tokens_per_expert), 128))
+    block_n = default_block_n(weight.n)
     if rows <= num_experts:  # RoutingData.n_blocks, matmul_ogs.py:59-63
         grid_m = rows
     else:

@@ -101,6 +101,7 @@ def _matmul_ogs_module() -> object | None:
     return module if callable(getattr(module, "make_opt_flags", None)) else None
 
 
+@functools.lru_cache(maxsize=8)  # scoped_matmul_flags runs per eager MoE call: read each function once
 def _arguments_of(installed) -> inspect.Signature:
     """The parameters (m, n, k, ...) of the make_opt_flags in place, through any functools.wraps
     wrapper; for a bare (*args, **kwargs) wrapper, those of triton_kernels' own definition."""
