@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from bench.plot import plot
     from bench.results import BenchRun, save, versions
-    from bench.roofline import Ceilings, measure_bf16_matmul_rate, measure_hbm_bandwidth
+    from bench.roofline import measure_ceilings
     from bench.runner import BenchSettings, run_shard
     from bench.table import render_run
 
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda")
     props = torch.cuda.get_device_properties(device)
     say(f"GPU {props.name} ({props.multi_processor_count} SMs); measuring ceilings")
-    ceilings = Ceilings(measure_hbm_bandwidth(device), measure_bf16_matmul_rate(device))
+    ceilings = measure_ceilings(device)
     say(f"HBM {ceilings.hbm_bytes_per_s / 1e12:.2f} TB/s, bf16 matmul {ceilings.bf16_flops_per_s / 1e12:.0f} TFLOP/s")
     settings = BenchSettings(
         batch_sizes=tuple(sorted(set(args.batch_sizes))),

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from bench.roofline import Ceilings, floor, measure_bf16_matmul_rate, measure_hbm_bandwidth, touched_experts
+from bench.roofline import Ceilings, floor, measure_ceilings, touched_experts
 from graphs import capture, time_replays
 from moe_dispatch import ExpertWeights, get_backend, preset, random_inputs, reference_moe, route
 from moe_dispatch.backends.flashinfer_moe import FlashInferCutlassBackend, flashinfer_version
@@ -429,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.jit_only:
         return 0
     correctness(report)
-    ceilings = Ceilings(measure_hbm_bandwidth("cuda"), measure_bf16_matmul_rate("cuda"))
+    ceilings = measure_ceilings("cuda")
     say(f"[ceilings] {ceilings.hbm_bytes_per_s / 1e12:.2f} TB/s, {ceilings.bf16_flops_per_s / 1e12:.0f} TFLOP/s")
     report.add("ceilings", {"hbm_bytes_per_s": ceilings.hbm_bytes_per_s, "bf16_flops_per_s": ceilings.bf16_flops_per_s})
     for tp in args.tp:

@@ -188,3 +188,8 @@ def measure_bf16_matmul_rate(device: torch.device | str, n: int = 8192, repeats:
     out = torch.empty((n, n), device=device, dtype=torch.bfloat16)
     ms = _median_event_ms(lambda: torch.matmul(a, b, out=out), device, repeats)
     return 2 * n**3 / (ms * 1e-3)
+
+
+def measure_ceilings(device: torch.device | str) -> Ceilings:
+    """Both ceilings of `device`, measured now."""
+    return Ceilings(measure_hbm_bandwidth(device), measure_bf16_matmul_rate(device))

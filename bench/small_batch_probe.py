@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.tokens = tuple(int(t) for t in args.tokens.split(","))
     from bench.results import versions
-    from bench.roofline import Ceilings, measure_bf16_matmul_rate, measure_hbm_bandwidth
+    from bench.roofline import measure_ceilings
 
     start = time.perf_counter()
 
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         result["sweep"] = points = sweep(args, say)
         print(sweep_table([p for p in points if "best" in p]))
     else:
-        ceilings = Ceilings(measure_hbm_bandwidth("cuda"), measure_bf16_matmul_rate("cuda"))
+        ceilings = measure_ceilings("cuda")
         say(
             f"{props.name}: HBM {ceilings.hbm_bytes_per_s / 1e12:.2f} TB/s, "
             f"bf16 {ceilings.bf16_flops_per_s / 1e12:.0f} TFLOP/s"

@@ -87,3 +87,31 @@ def untied_inputs(
         if bool((top[:, k - 1] > top[:, k]).all()):
             return x, logits
     raise RuntimeError(f"no tie-free logits for {spec.describe()} T={num_tokens} in 100 draws")
+
+
+def run_interpreted(test_file: str, worker: str, out_path: str, timeout: int = 600) -> str:
+    """Run `worker(out_path)` of `test_file` in a child process under Triton's interpreter.
+
+    TRITON_INTERPRET=1 must be set before triton's first import (its language helpers are
+    built for one mode then), so CPU tests run interpreted kernels in a fresh process with
+    no visible GPU. The file is loaded by path, not as `tests.<module>` (an installed
+    package named `tests` could shadow ours). Returns "" on success, else the child's stderr.
+    """
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo), env.get("PYTHONPATH")) if p)
+    name = f"{Path(test_file).stem}_worker"
+    code = (
+        "import importlib.util as u, sys; "
+        f"s = u.spec_from_file_location({name!r}, {str(Path(test_file).resolve())!r}); "
+        "m = sys.modules[s.name] = u.module_from_spec(s); s.loader.exec_module(m); "
+        f"m.{worker}({str(out_path)!r})"
+    )
+    command = [sys.executable, "-c", code]
+    proc = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+    return "" if proc.returncode == 0 else f"worker exited {proc.returncode}:\n{proc.stderr[-4000:]}"

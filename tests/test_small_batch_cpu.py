@@ -12,9 +12,6 @@ compare them with `moe_dispatch.testing.assert_close`.
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
-import sys
 import traceback
 from pathlib import Path
 
@@ -23,7 +20,7 @@ import torch
 
 from moe_dispatch import GPT_OSS_SWIGLU, SILU, ExpertWeights, MoESpec, Routing, get_backend, preset
 from moe_dispatch.backends.small_batch.backend import SmallBatchBackend, SmallBatchKernel
-from moe_dispatch.testing import assert_close, untied_inputs
+from moe_dispatch.testing import assert_close, run_interpreted, untied_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_EXPERTS, INTERMEDIATE = 8, 48
@@ -178,18 +175,9 @@ def _interpreter_worker(out_path: str) -> None:
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory) -> dict[str, dict]:
     out = tmp_path_factory.mktemp("small_batch") / "results.pt"
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    # Loaded by path, not as `tests.<module>`: an installed package named `tests` could shadow ours.
-    code = (
-        "import importlib.util as u, sys; "
-        f"s = u.spec_from_file_location('small_batch_cpu_worker', {str(Path(__file__).resolve())!r}); "
-        "m = sys.modules[s.name] = u.module_from_spec(s); s.loader.exec_module(m); "
-        f"m._interpreter_worker({str(out)!r})"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        pytest.fail(f"interpreter worker exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+    failure = run_interpreted(__file__, "_interpreter_worker", str(out))
+    if failure:
+        pytest.fail(f"interpreter {failure}")
     return torch.load(out, weights_only=True)
 
 

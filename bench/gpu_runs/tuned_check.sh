@@ -13,7 +13,9 @@
 #       bench.tk_flags_probe (triton_kernels' own opt flags vs variants per matmul), 8 compile workers;
 #       its TkFlagsTable goes into $OUT/tuned (a copy of the shipped tables, so buckets merge)
 #   source .gpu-deps/env.sh && bash bench/gpu_runs/tuned_check.sh tktests
-#       the triton_kernels_tuned GPU tier
+#       the GPU tiers of triton_tuned, tk_combine, triton_kernels_tuned and the plugin
+#   source .gpu-deps/env.sh && bash bench/gpu_runs/tuned_check.sh breakdown TP TOKENS KERNELS
+#       bench.kernel_breakdown: GPT-OSS device time per kernel of each candidate's call
 #   source .gpu-deps/env.sh && bash bench/gpu_runs/tuned_check.sh bench PRESET TP BUCKETS SECONDS
 #       `make bench` with every candidate, the tables in $TUNED (default: the shipped ones)
 #   MOE_DISPATCH_GPU_ENGINE=1 source .gpu-deps/env.sh && bash bench/gpu_runs/tuned_check.sh serving [MODEL [MODES [S]]]
@@ -59,10 +61,15 @@ case "${1:-}" in
       --out "$OUT/tk_flags" --tables "$OUT/tuned"
     tar czf "$OUT/tk_flags.tgz" -C "$OUT" tk_flags tuned tk_flags_probe.log && rm -rf "$OUT/tk_flags"
     ;;
-  tktests)  # the triton_kernels_tuned backend and the plugin's layer hooks (incl. its extra candidates)
+  tktests)  # both tuned backends and the plugin's layer hooks (incl. its extra candidates)
+    step 90 tuned_gpu python3 -m pytest -q -p no:logging -m gpu tests/test_tuned_gpu.py
+    step 90 tk_combine_gpu python3 -m pytest -q -p no:logging -m gpu tests/test_tk_combine_gpu.py
     step 120 tk_tuned_gpu env MOE_DISPATCH_ERROR_TABLE="$OUT/tk_tuned_errors.jsonl" \
       python3 -m pytest -q -p no:logging -m gpu tests/test_tk_tuned_gpu.py
     step 170 plugin_gpu python3 -m pytest -q -p no:logging -m gpu tests/test_plugin_gpu.py
+    ;;
+  breakdown)  # device time per kernel of each candidate's call: breakdown TP TOKENS KERNELS
+    step 150 breakdown python3 -m bench.kernel_breakdown --tp "$2" --tokens "$3" --kernels "$4" --out "$OUT/breakdown.md"
     ;;
   bench)
     step "$5" bench env ${TUNED:+MOE_DISPATCH_TUNED_DIR="$TUNED"} python3 -m bench --preset "$2" --tp "$3" \
@@ -75,5 +82,5 @@ case "${1:-}" in
       --modes ${3:-off,measure,extra} --time-budget $budget --out out/serving --results $OUT/results"
     tar czf "$OUT/serving-runs.tgz" -C out/serving runs runs.jsonl session.json 2>/dev/null
     ;;
-  *) echo "usage: $0 tests | engine | tune PRESET TP BUCKETS SECONDS | tkprobe PRESET TP TOKENS SECONDS | tktests | bench PRESET TP BUCKETS SECONDS | serving [MODEL [MODES [SECONDS]]]" >&2; exit 2 ;;
+  *) echo "usage: $0 tests | engine | tune PRESET TP BUCKETS SECONDS | tkprobe PRESET TP TOKENS SECONDS | tktests | breakdown TP TOKENS KERNELS | bench PRESET TP BUCKETS SECONDS | serving [MODEL [MODES [SECONDS]]]" >&2; exit 2 ;;
 esac

@@ -1,4 +1,5 @@
-"""`triton_kernels_tuned`: the `triton_kernels` backend with tuned opt flags per matmul.
+"""`triton_kernels_tuned`: the `triton_kernels` backend with tuned opt flags per matmul and
+moe-dispatch's top-k combine (moe_dispatch.backends.tk_combine) in place of triton_kernels' reduce.
 
 The flags come from a `TkFlagsTable` for this GPU, Triton version and shape (see
 moe_dispatch.tk_flags_table; made by `python -m bench.tk_flags_probe --tables DIR`). Each
@@ -18,6 +19,7 @@ import torch
 
 from moe_dispatch.backends.base import PreparedKernel
 from moe_dispatch.backends.table_backed import TableBacked
+from moe_dispatch.backends.tk_combine import scoped_fast_combine
 from moe_dispatch.backends.tk_matmul_flags import scoped_matmul_flags
 from moe_dispatch.backends.triton_kernels_backend import TritonKernelsBackend, TritonKernelsKernel
 from moe_dispatch.spec import MoESpec
@@ -36,7 +38,7 @@ class TunedTritonKernelsKernel(TritonKernelsKernel):
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         entry = self.table.flags_for(hidden_states.shape[0])
         flags = {} if entry is None else entry.by_gemm(self.spec.hidden_size, self.spec.intermediate_size)
-        with scoped_matmul_flags(flags):
+        with scoped_matmul_flags(flags), scoped_fast_combine():
             return super().forward(hidden_states, router_logits)
 
 

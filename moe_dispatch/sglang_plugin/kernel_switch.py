@@ -198,11 +198,13 @@ class KernelSwitch:
     def tk_flags(self, method: object, num_tokens: int) -> Any:
         """The table's TkBucket when this call of `method`'s layer runs triton_kernels_tuned, else None
         (also None when no bucket is within 2x: triton_kernels' own flags)."""
+        return self.tk_table.flags_for(num_tokens) if self.runs_tk_tuned(method, num_tokens) else None
+
+    def runs_tk_tuned(self, method: object, num_tokens: int) -> bool:
+        """Whether this call of `method`'s layer runs triton_kernels_tuned (its flags and its combine)."""
         if self.tk_table is None or method not in self._tk_methods:
-            return None
-        if self.kernel_for(num_tokens) != TK_TUNED_KERNEL:
-            return None
-        return self.tk_table.flags_for(num_tokens)
+            return False
+        return self.kernel_for(num_tokens) == TK_TUNED_KERNEL
 
     def configure(self, settings: AdaptiveMoESettings) -> None:
         self.settings = settings

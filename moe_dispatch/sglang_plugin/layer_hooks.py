@@ -22,6 +22,7 @@ methods included) run exactly as stock.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -32,6 +33,7 @@ import torch
 
 from moe_dispatch.backends.base import Support
 from moe_dispatch.backends.sglang_tile_override import sglang_tile_configs
+from moe_dispatch.backends.tk_combine import scoped_fast_combine
 from moe_dispatch.backends.tk_flags import call_with_view_flags
 from moe_dispatch.backends.tk_matmul_flags import scoped_matmul_flags
 from moe_dispatch.backends.triton_kernels_backend import top_k_support
@@ -139,7 +141,8 @@ def around_unquant_forward_cuda(original: Any, method: Any, layer: Any, dispatch
     num_tokens = dispatch_output.hidden_states.shape[0]
     tuned = SWITCH.tk_flags(method, num_tokens)  # triton_kernels_tuned: the table's flags per matmul
     flags = {} if tuned is None else tuned.by_gemm(layer.w2_weight.shape[-2], layer.w2_weight.shape[-1])
-    with scoped_matmul_flags(flags):  # read while matmul_ogs picks its flags: at capture, once
+    combine = scoped_fast_combine() if SWITCH.runs_tk_tuned(method, num_tokens) else contextlib.nullcontext()
+    with scoped_matmul_flags(flags), combine:  # read while matmul_ogs picks its flags: at capture, once
         # Small calls on views of narrow shards need the persistent kernel (moe_dispatch.backends.tk_flags).
         return call_with_view_flags(
             lambda: runner.run(dispatch_output, info),

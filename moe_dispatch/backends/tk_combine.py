@@ -1,0 +1,174 @@
+"""A faster top-k combine for triton_kernels' matmul_ogs (Triton 3.6 generation).
+
+After the down matmul, matmul_ogs has one row per (token, slot) in `out [T, k, H]` (routing
+weights already applied) and sums the k slots of each token with `triton_kernels.reduce`:
+    reduce(out, dim=1, mask=(slot used) [T, k, 1 -> H], y=output [T, H], postprocess_fn2=...)
+That generic kernel tiles 64 tokens x 128 columns per program, so a decode call has few
+programs (T=32, H=2880: 23) and measured 20-22 us at T <= 128 and 215 us at T=4096 for GPT-OSS
+tp=8 on the H200 (bench/results/nvidia-h200/kernel-breakdown-tp8.md), up to a third of the call.
+
+`scoped_fast_combine()` replaces matmul_ogs' `reduce` inside the block with `fast_reduce`:
+the same sum, with programs of a few tokens x 512 columns, for exactly that call pattern
+(dim 1, a per-(token, slot) mask or none, no scale, no micro-scaling, no flex scales, no
+post-processing function, unit column strides). Every other call (the split-K reduce with
+its fused activation, quantized outputs) goes to triton_kernels' own `reduce` unchanged.
+The sum runs over the slots in order in float32, as triton_kernels' does, then one cast:
+the results are bit-identical. Like `scoped_matmul_flags`, this swaps a module global for
+the duration of the block: for one thread issuing MoE calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_N = 512  # columns per program: 16-byte loads for bf16 with 2 warps
+
+
+@triton.jit
+def combine_slots_kernel(
+    x_ptr,  # [T, TOP_K, N] (strides given; columns contiguous)
+    mask_ptr,  # [T, TOP_K] nonzero where the slot holds a row (any tensor when not HAS_MASK)
+    y_ptr,  # [T, N] (columns contiguous)
+    T,
+    N,
+    stride_xt,
+    stride_xs,
+    stride_mt,
+    stride_ms,
+    stride_yt,
+    TOP_K: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """y[t, n] = sum over slots s (in order, float32) of x[t, s, n] where mask[t, s]."""
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_t < T
+    inside = rows[:, None] & (offs_n < N)[None, :]
+    x_rows = x_ptr + offs_t.to(tl.int64)[:, None] * stride_xt + offs_n[None, :]
+    acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+    for s in tl.static_range(TOP_K):
+        x = tl.load(x_rows + s * stride_xs, mask=inside, other=0.0).to(tl.float32)
+        if HAS_MASK:
+            used = tl.load(mask_ptr + offs_t.to(tl.int64) * stride_mt + s * stride_ms, mask=rows, other=0)
+            x = tl.where(used[:, None] != 0, x, 0.0)  # a where, not a product: unused rows may hold NaN
+        acc += x
+    y_ptrs = y_ptr + offs_t.to(tl.int64)[:, None] * stride_yt + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=inside)
+
+
+def combine_launch(num_tokens: int) -> tuple[int, int]:
+    """(tokens per program, warps): one token per program for decode sizes (more programs),
+    four from 512 tokens (fewer, fuller programs)."""
+    return (1, 2) if num_tokens < 512 else (4, 4)
+
+
+def combine_slots(x: torch.Tensor, mask: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
+    """y [T, N] = the masked sum of x [T, k, N] over its slots (mask [T, k] or None); returns y."""
+    T, top_k, N = x.shape
+    if tuple(y.shape) != (T, N) or x.stride(2) != 1 or y.stride(1) != 1:
+        raise ValueError(f"combine_slots: x {tuple(x.shape)} / y {tuple(y.shape)} need contiguous columns, y [T, N]")
+    if mask is not None and tuple(mask.shape) != (T, top_k):
+        raise ValueError(f"combine_slots: mask has shape {tuple(mask.shape)}, expected ({T}, {top_k})")
+    block_t, warps = combine_launch(T)
+    grid = (triton.cdiv(T, block_t), triton.cdiv(N, BLOCK_N))
+    mask_arg = mask if mask is not None else x
+    mask_strides = mask.stride() if mask is not None else (0, 0)
+    combine_slots_kernel[grid](
+        x, mask_arg, y, T, N, x.stride(0), x.stride(1), *mask_strides, y.stride(0),
+        TOP_K=top_k, HAS_MASK=mask is not None, BLOCK_T=block_t, BLOCK_N=BLOCK_N, num_warps=warps,
+    )  # fmt: skip
+    return y
+
+
+def _plain_postprocess(fn: object) -> bool:
+    return fn is None or getattr(getattr(fn, "specs", None), "fn", "?") is None
+
+
+def _plain_flex(flex: object, scales: tuple[str, ...]) -> bool:
+    return flex is None or (getattr(flex, "dtype", "?") is None and all(getattr(flex, s, "?") is None for s in scales))
+
+
+def slot_mask(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None | bool:
+    """The [T, k] mask behind reduce's [T, k, N] one (broadcast over columns), None for no mask,
+    False when the mask varies along columns (not the combine pattern)."""
+    if mask is None:
+        return None
+    if mask.dim() != 3 or tuple(mask.shape) != tuple(x.shape) or mask.stride(2) != 0:
+        return False
+    return mask[:, :, 0]
+
+
+FLEX_SCALES = {"x_flex": ("scale",), "y_flex": ("expected_scale", "actual_scale", "checksum_scale")}
+
+
+def fast_path_mask(x: object, dim: object, options: dict) -> tuple[bool, torch.Tensor | None]:
+    """(True, [T, k] mask or None) when `fast_reduce` computes reduce(x, dim, **options) itself,
+    else (False, None)."""
+    y = options.get("y")
+    if dim != 1 or any(options.get(name) is not None for name in ("scale", "x_mxscale")) or options.get("y_has_mx"):
+        return False, None
+    if not (isinstance(x, torch.Tensor) and x.dim() == 3 and x.stride(2) == 1 and isinstance(y, torch.Tensor)):
+        return False, None
+    if y.dtype != x.dtype or y.dim() != 2 or y.stride(1) != 1 or tuple(y.shape) != (x.shape[0], x.shape[2]):
+        return False, None
+    if options.get("y_dtype") not in (None, y.dtype):
+        return False, None
+    if not all(_plain_postprocess(options.get(name)) for name in ("postprocess_fn1", "postprocess_fn2")):
+        return False, None
+    if not all(_plain_flex(options.get(name), scales) for name, scales in FLEX_SCALES.items()):
+        return False, None
+    slots = slot_mask(options.get("mask"), x)
+    return (False, None) if slots is False else (True, slots)
+
+
+def make_fast_reduce(original):
+    """triton_kernels' `reduce` (called with keywords after x, dim); the combine pattern runs
+    `combine_slots`, every other call `original`."""
+
+    @functools.wraps(original)
+    def fast_reduce(x, dim, *args, **options):
+        ours, slots = (False, None) if args else fast_path_mask(x, dim, options)
+        if not ours:
+            return original(x, dim, *args, **options)
+        fast_reduce.calls += 1
+        return combine_slots(x, slots, options["y"]), None
+
+    fast_reduce.calls = 0  # how many calls took the fast path (tests)
+    return fast_reduce
+
+
+@functools.cache
+def _matmul_ogs_module() -> object | None:
+    """triton_kernels.matmul_ogs when that generation is installed and calls a module-level `reduce`."""
+    try:
+        import triton_kernels.matmul_ogs as module
+    except Exception:  # absent, broken, or the triton_kernels.matmul generation
+        return None
+    return module if callable(getattr(module, "reduce", None)) else None
+
+
+@contextlib.contextmanager
+def scoped_fast_combine(module: object = None) -> Iterator[object | None]:
+    """Inside the block, matmul_ogs' top-k combine runs `combine_slots`.
+
+    Yields the installed fast_reduce (its `calls` counts fast-path calls), or None when the
+    matmul_ogs generation is not installed. `module`: the matmul_ogs module (tests).
+    """
+    module = module if module is not None else _matmul_ogs_module()
+    if module is None:
+        yield None
+        return
+    original = module.reduce
+    module.reduce = installed = make_fast_reduce(original)
+    try:
+        yield installed
+    finally:
+        module.reduce = original
