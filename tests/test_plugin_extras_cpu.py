@@ -24,7 +24,7 @@ from moe_dispatch.sglang_plugin.kernel_switch import (
 )
 from moe_dispatch.sglang_plugin.settings import AdaptiveMoESettings
 from moe_dispatch.spec import preset
-from moe_dispatch.tuned_configs import BucketConfig, TileConfig, TunedKey, TunedTable, shape_key
+from moe_dispatch.tuned_configs import BucketConfig, TileConfig, TunedConfigError, TunedKey, TunedTable, shape_key
 from tests.cases import Case
 
 SPEC = preset("gpt-oss-120b", tp=8)
@@ -195,15 +195,30 @@ TK_TABLE = tk_flags_table.TkFlagsTable(
 )
 
 
-def test_tk_tuned_is_measured_with_a_flags_table_and_says_why_without(switch, monkeypatch, caplog):
+def test_tk_tuned_is_measured_with_or_without_a_flags_table(switch, monkeypatch, caplog):
     seen: list[tuple[str, ...]] = []
     monkeypatch.setattr(probe, "probe_sizes", _fake_probe(seen))
     monkeypatch.setattr(tk_flags_table, "find_tk_table", lambda spec: None)
     switch.configure(AdaptiveMoESettings(enabled=True, extra_kernels=(TK_TUNED_KERNEL,)))
+    bare = _Method()
+    with caplog.at_level(logging.INFO, logger="moe_dispatch.sglang_plugin"):
+        startup.before_init_cuda_graphs(_runner([("topk", types.SimpleNamespace(quant_method=bare))]))
+    assert switch.kernels == (*KERNELS, TK_TUNED_KERNEL)
+    assert "triton_kernels_tuned is a candidate for 1 layer(s) (no triton_kernels flags table" in caplog.text
+    assert "triton_kernels' own flags with moe-dispatch's combine" in caplog.text
+    with switch.forced(TK_TUNED_KERNEL):
+        assert switch.runs_tk_tuned(bare, 128) and switch.tk_flags(bare, 128) is None
+    assert not switch.runs_tk_tuned(bare, 128)  # the rule runs another kernel there
+
+    def broken(spec):
+        raise TunedConfigError("sha256 mismatch")
+
+    monkeypatch.setattr(tk_flags_table, "find_tk_table", broken)
+    switch.configure(AdaptiveMoESettings(enabled=True, extra_kernels=(TK_TUNED_KERNEL,)))
     with caplog.at_level(logging.INFO, logger="moe_dispatch.sglang_plugin"):
         startup.before_init_cuda_graphs(_runner([("topk", types.SimpleNamespace(quant_method=_Method()))]))
     assert switch.kernels == KERNELS
-    assert "triton_kernels_tuned is not a candidate: no triton_kernels flags" in caplog.text
+    assert "triton_kernels_tuned is not a candidate: triton_kernels flags table unusable: sha256" in caplog.text
     monkeypatch.setattr(tk_flags_table, "find_tk_table", lambda spec: TK_TABLE)
     method, other = _Method(), _Method()
     switch.configure(AdaptiveMoESettings(enabled=True, extra_kernels=(TK_TUNED_KERNEL,)))
@@ -235,9 +250,27 @@ def test_forward_hook_steers_the_triton_kernels_runner_with_the_tables_flags(mon
         finally:
             active.pop()
 
+    combining: list[bool] = []
+
+    @contextlib.contextmanager
+    def combine():
+        combining.append(True)
+        try:
+            yield None
+        finally:
+            combining.pop()
+
     monkeypatch.setattr(layer_hooks, "scoped_matmul_flags", recording)
+    monkeypatch.setattr(layer_hooks, "scoped_fast_combine", combine)
     during: list[list[dict]] = []
-    runner = types.SimpleNamespace(run=lambda dispatch, quant_info: during.append(list(active)) or "out")
+    combined: list[bool] = []
+
+    def run(dispatch, quant_info):
+        during.append(list(active))
+        combined.append(bool(combining))
+        return "out"
+
+    runner = types.SimpleNamespace(run=run)
     method = _Method()
     setattr(method, layer_hooks._TK_RUNNER, runner)
     layer = types.SimpleNamespace(w2_weight=torch.empty(128, 2880, 360, device="meta"))
@@ -246,9 +279,12 @@ def test_forward_hook_steers_the_triton_kernels_runner_with_the_tables_flags(mon
     routing = types.SimpleNamespace(routing_data=types.SimpleNamespace(n_expts_act=4))
     dispatch = lambda n: types.SimpleNamespace(hidden_states=torch.empty(n, 2880, device="meta"), topk_output=routing)  # noqa: E731
     assert layer_hooks.around_unquant_forward_cuda(None, method, layer, dispatch(100)) == "out"
-    assert during == [[{(720, 2880): TK_UP, (2880, 360): TK_UP}]]
+    assert during == [[{(720, 2880): TK_UP, (2880, 360): TK_UP}]] and combined == [True]
     layer_hooks.around_unquant_forward_cuda(None, method, layer, dispatch(4000))  # rule: triton_kernels
-    assert during[-1] == [{}] and active == []
+    assert during[-1] == [{}] and active == [] and combined[-1] is False  # stock: triton_kernels' reduce
+    switch.enable_tk_tuned(None, [method])  # no flags table: own flags, still our combine
+    layer_hooks.around_unquant_forward_cuda(None, method, layer, dispatch(100))
+    assert during[-1] == [{}] and combined[-1] is True
 
 
 # --- small_batch --------------------------------------------------------------------------------

@@ -273,6 +273,41 @@ def test_layer_runs_triton_kernels_tuned_with_the_tables_flags(sglang_env, layer
     assert_close(out, stock, SPEC.dtype, f"plugin triton_kernels_tuned vs stock T={num_tokens}", tol=tol)
 
 
+@pytest.mark.parametrize("num_tokens", (1, 64, 1024))
+def test_layer_runs_triton_kernels_tuned_without_a_table_bit_identical_to_stock(sglang_env, layers, num_tokens):
+    """triton_kernels_tuned with no flags table: triton_kernels' own flags and moe-dispatch's combine,
+    taken once per call and bit-identical to the same layer forced to the triton_kernels runner."""
+    import contextlib
+
+    from moe_dispatch.sglang_plugin import layer_hooks
+
+    switch = sglang_env
+    (topk, moe), _stock_triton, _stock_tk = layers
+    x, logits = random_inputs(SPEC, num_tokens, device="cuda", seed=70 + num_tokens)
+    with switch.forced("triton_kernels"):
+        stock = forward(topk, moe, x, logits)
+    installed: list[object] = []
+    original = layer_hooks.scoped_fast_combine
+
+    @contextlib.contextmanager
+    def recording():
+        with original() as fast:
+            installed.append(fast)
+            yield fast
+
+    switch.enable_tk_tuned(None, [moe.quant_method])
+    layer_hooks.scoped_fast_combine = recording
+    try:
+        with switch.forced("triton_kernels_tuned"):
+            out = forward(topk, moe, x, logits)
+    finally:
+        layer_hooks.scoped_fast_combine = original
+        switch.enable_tk_tuned(None, [])
+    assert len(installed) == 1 and installed[0].calls == 1, "the hook should run the combine once per call"
+    diff = (out.float() - stock.float()).abs()
+    assert torch.equal(out, stock), f"T={num_tokens}: max abs diff {diff.max().item():.3g}"
+
+
 @pytest.mark.parametrize("num_tokens", (1, 7, 32))
 def test_layer_runs_small_batch_on_its_own_weights(sglang_env, layers, weights, num_tokens):
     """--adaptive-moe-extra-kernels small_batch: a layer forced to small_batch reads its own weights and
@@ -282,7 +317,7 @@ def test_layer_runs_small_batch_on_its_own_weights(sglang_env, layers, weights, 
     switch = sglang_env
     (topk, moe), stock_triton, _stock_tk = layers
     x, logits = random_inputs(SPEC, num_tokens, device="cuda", seed=50 + num_tokens)
-    assert extras.enable_small_batch([(topk, moe)], switch) is None
+    assert extras.enable_small_batch([(topk, moe)], switch) == (True, "")
     try:
         with switch.forced("small_batch"):
             out = forward(topk, moe, x, logits)

@@ -14,6 +14,7 @@ import pytest
 from bench.tk_flags_probe import matmul_variants, stages_that_fit, variants_for
 from bench.tk_flags_report import store_table
 from moe_dispatch import preset
+from moe_dispatch.backends.base import Support
 from moe_dispatch.backends.tk_matmul_flags import MatmulFlags, gemm_keys, scoped_matmul_flags
 from moe_dispatch.backends.triton_kernels_tuned import TritonKernelsTunedBackend
 from moe_dispatch.tk_flags_table import TkBucket, TkFlagsTable, load_tk_table, save_tk_table, tk_table_path
@@ -226,3 +227,19 @@ def test_the_shipped_h200_flags_table_loads():
             assert entry.tuned_us == entry.default_us, bucket
         else:
             assert entry.tuned_us < entry.default_us * 0.99, bucket
+
+
+def test_triton_kernels_tuned_runs_without_a_table_but_refuses_a_broken_one(tmp_path):
+    from moe_dispatch.backends.sglang_triton_tuned import SGLangTritonTunedBackend
+
+    spec = preset("gpt-oss-120b", tp=8)
+    backend = TritonKernelsTunedBackend(directories=[tmp_path], key_for=lambda s: KEY)
+    assert backend.table_for(spec) == (None, Support.yes())  # own flags, moe-dispatch's combine
+    tile_backend = SGLangTritonTunedBackend(directories=[tmp_path], key_for=lambda s: KEY)
+    table, answer = tile_backend.table_for(spec)
+    assert table is None and not answer and "no tuned table" in answer.reason  # tile tables stay required
+    path = tk_table_path(KEY, tmp_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("{not json")
+    table, answer = backend.table_for(spec)
+    assert table is None and not answer and str(path) in answer.reason

@@ -32,6 +32,7 @@ class TableBacked:
     find: ClassVar[Callable[..., Any]]
     path_for: ClassVar[Callable[[TunedKey, Path], Path]]
     command: ClassVar[str]
+    table_required: ClassVar[bool] = True  # False: without a file the kernel runs with table None
 
     def __init__(
         self,
@@ -43,31 +44,46 @@ class TableBacked:
 
     def supports(self, spec: MoESpec) -> Support:
         answer = super().supports(spec)
-        return self.lookup(spec)[1] if answer else answer
+        return self.table_for(spec)[1] if answer else answer
 
     def lookup(self, spec: MoESpec) -> tuple[Any, Support]:
         """The table for `spec` here, or None with the reason (no GPU; no file: the paths looked at
         and the command that makes one; a broken file: why)."""
+        table, answer, _missing = self._lookup(spec)
+        return table, answer
+
+    def table_for(self, spec: MoESpec) -> tuple[Any, Support]:
+        """The table to bind and whether the backend can run: as `lookup`, except that a backend
+        whose table is optional (`table_required` False) runs with None where there is no file
+        (a broken file is still refused, with its reason)."""
+        table, answer, missing = self._lookup(spec)
+        if table is None and missing and not self.table_required:
+            return None, Support.yes()
+        return table, answer
+
+    def _lookup(self, spec: MoESpec) -> tuple[Any, Support, bool]:
+        """(table or None, Support, whether the table is missing rather than broken)."""
         try:
             key = self._key_for(spec)
         except RuntimeError as error:
-            return None, Support.no(str(error))
+            return None, Support.no(str(error)), True
         dirs = tuned_directories() if self._directories is None else tuple(map(Path, self._directories))
         try:
             table = type(self).find(spec, dirs, key=key)
         except TunedConfigError as error:
-            return None, Support.no(str(error))
+            return None, Support.no(str(error)), False
         if table is None:
             expected = " or ".join(str(type(self).path_for(key, d)) for d in dirs)
-            return None, Support.no(
+            reason = (
                 f"no tuned table for {key.shape} on {key.gpu!r} with Triton {key.triton_version}: "
                 f"expected {expected}; run {preset_command(spec, self.command)} to make one"
             )
-        return table, Support.yes()
+            return None, Support.no(reason), True
+        return table, Support.yes(), False
 
     def _prepare(self, spec: MoESpec, weights: ExpertWeights) -> PreparedKernel:
-        table, answer = self.lookup(spec)
-        if table is None:  # prepare() checked supports(); the file went away since
+        table, answer = self.table_for(spec)
+        if not answer:  # prepare() checked supports(); the file changed since
             raise ValueError(f"kernel {self.name!r} cannot run {spec.describe()}: {answer.reason}")
         return self.prepare_with_table(spec, weights, table)
 
@@ -77,5 +93,5 @@ class TableBacked:
         for answer in (self.availability(), super().supports(spec)):
             if not answer:
                 raise ValueError(f"kernel {self.name!r} cannot run {spec.describe()}: {answer.reason}")
-        if table.key.shape != shape_key(spec):
+        if table is not None and table.key.shape != shape_key(spec):
             raise ValueError(f"table is for shape {table.key.shape!r}, the spec is {shape_key(spec)!r}")

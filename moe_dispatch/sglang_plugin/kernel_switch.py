@@ -17,7 +17,8 @@ The switch also holds the set of TopK modules that are adaptive (paired with an
 unquantized FusedMoE); every other TopK runs stock. With `--adaptive-moe-extra-kernels`, more
 candidates join the measured ones for the layers given to `enable_tuned` / `enable_tk_tuned` /
 `enable_small_batch`: `triton_tuned` (the Triton runner with a tuned table's tile configs),
-`triton_kernels_tuned` (the triton_kernels runner with a flags table's opt flags) and
+`triton_kernels_tuned` (the triton_kernels runner with moe-dispatch's top-k combine and, where a
+flags table has them, its opt flags) and
 `small_batch` (our decode kernel, called with the router logits of SGLang's standard top-k
 output). Pure Python, no SGLang.
 """
@@ -39,7 +40,7 @@ from moe_dispatch.spec import MoESpec
 # The two runners, in the names plans and policies use.
 KERNELS: tuple[str, ...] = (SMALL_BATCH_KERNEL, LARGE_BATCH_KERNEL)  # ("triton", "triton_kernels")
 # Opt-in candidates: the Triton runner with tuned tile configs (`enable_tuned`), the triton_kernels
-# runner with tuned opt flags (`enable_tk_tuned`), our decode kernel (`enable_small_batch`).
+# runner with our combine and tuned opt flags (`enable_tk_tuned`), our decode kernel (`enable_small_batch`).
 TUNED_KERNEL = "triton_tuned"
 TK_TUNED_KERNEL = "triton_kernels_tuned"
 SMALL_BATCH_BACKEND = "small_batch"
@@ -150,8 +151,8 @@ class KernelSwitch:
         # UnquantizedFusedMoEMethod objects of the layers it applies to.
         self.tuned_table: Any = None
         self._tuned_methods: weakref.WeakSet[object] = weakref.WeakSet()
-        # triton_kernels_tuned: the flags table (a moe_dispatch.tk_flags_table.TkFlagsTable) and
-        # the UnquantizedFusedMoEMethod objects of the layers it applies to.
+        # triton_kernels_tuned: the flags table (a moe_dispatch.tk_flags_table.TkFlagsTable, or None:
+        # triton_kernels' own flags) and the UnquantizedFusedMoEMethod objects of the layers it applies to.
         self.tk_table: Any = None
         self._tk_methods: weakref.WeakSet[object] = weakref.WeakSet()
         # small_batch: UnquantizedFusedMoEMethod -> its layer's prepared small_batch kernel.
@@ -162,7 +163,7 @@ class KernelSwitch:
         """The candidates the start-up measures: the two runners, plus each enabled extra one."""
         enabled = {
             TUNED_KERNEL: self.tuned_table is not None,
-            TK_TUNED_KERNEL: self.tk_table is not None,
+            TK_TUNED_KERNEL: bool(self._tk_methods),
             SMALL_BATCH_BACKEND: bool(self._small_batch),
         }
         return (*KERNELS, *(name for name, on in enabled.items() if on))
@@ -191,20 +192,21 @@ class KernelSwitch:
         return self.tuned_table.config_for(num_tokens)
 
     def enable_tk_tuned(self, table: Any, methods: Iterable[object]) -> None:
-        """Make triton_kernels_tuned a candidate: `table`'s flags for the layers whose methods are given."""
+        """Make triton_kernels_tuned a candidate for the layers whose methods are given: `table`'s flags
+        (None: triton_kernels' own) and moe-dispatch's top-k combine."""
         self.tk_table = table
         self._tk_methods = weakref.WeakSet(methods)
 
     def tk_flags(self, method: object, num_tokens: int) -> Any:
         """The table's TkBucket when this call of `method`'s layer runs triton_kernels_tuned, else None
         (also None when no bucket is within 2x: triton_kernels' own flags)."""
-        return self.tk_table.flags_for(num_tokens) if self.runs_tk_tuned(method, num_tokens) else None
+        if self.tk_table is None or not self.runs_tk_tuned(method, num_tokens):
+            return None
+        return self.tk_table.flags_for(num_tokens)
 
     def runs_tk_tuned(self, method: object, num_tokens: int) -> bool:
         """Whether this call of `method`'s layer runs triton_kernels_tuned (its flags and its combine)."""
-        if self.tk_table is None or method not in self._tk_methods:
-            return False
-        return self.kernel_for(num_tokens) == TK_TUNED_KERNEL
+        return method in self._tk_methods and self.kernel_for(num_tokens) == TK_TUNED_KERNEL
 
     def configure(self, settings: AdaptiveMoESettings) -> None:
         self.settings = settings

@@ -139,14 +139,21 @@ def probe_sizes(
 
 def format_table(result: ProbeResult, kernels: Sequence[str] = KERNELS) -> str:
     """The start-up log table: size, each kernel's us (for PROBE_LAYERS layers), winner, margin."""
+    widths = {k: max(10, len(k) + 3) for k in kernels}  # "<kernel> us", two spaces apart
+    name_width = max(16, *(len(k) + 2 for k in kernels))
     lines = [
         f"adaptive MoE probe: {len(result.rows)} sizes x {len(kernels)} kernels on {result.layers} layer(s) "
         f"in {result.seconds:.2f} s (median us per graph of {result.layers} layer(s), max over TP ranks)",
-        f"{'tokens':>8}" + "".join(f"{k + ' us':>20}" for k in kernels) + f"  {'winner':<16}{'margin':>8}",
+        f"{'tokens':>8}"
+        + "".join(f"  {k + ' us':>{width}}" for k, width in widths.items())
+        + f"  {'winner':<{name_width}}{'margin':>8}",
     ]
     for row in result.rows:
-        cells = "".join(f"{row.times_ms[k] * 1000:>20.1f}" if k in row.times_ms else f"{'-':>20}" for k in kernels)
+        cells = "".join(
+            f"  {row.times_ms[k] * 1000:>{width}.1f}" if k in row.times_ms else f"  {'-':>{width}}"
+            for k, width in widths.items()
+        )
         others = [t for k, t in row.times_ms.items() if k != row.winner]
         gap = f"{min(others) / row.times_ms[row.winner]:>7.2f}x" if others else f"{'-':>8}"
-        lines.append(f"{row.size:>8}{cells}  {row.winner:<16}{gap}")
+        lines.append(f"{row.size:>8}{cells}  {row.winner:<{name_width}}{gap}")
     return "\n".join(lines)
