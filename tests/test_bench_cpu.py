@@ -281,3 +281,14 @@ def test_plot_main_defaults_next_to_json(tmp_path, capsys):
     assert bench_plot.main([str(latest), "-o", str(tmp_path / "x.png")]) == 0
     assert (tmp_path / "x.png").stat().st_size > 0
     assert str(tmp_path / "x.png") in capsys.readouterr().out
+
+
+def test_kernel_breakdown_table_names_each_kernel_its_share_and_the_floor():
+    from bench.kernel_breakdown import Breakdown, KernelTime, markdown
+
+    parts = (KernelTime("_p_matmul_ogs_" + "x" * 100, 60.0, 1.0), KernelTime("combine_slots_kernel", 20.0, 1.0))
+    row = Breakdown("triton_kernels_tuned", 32, 78, floor_us=50.0, total_us=80.0, parts=parts)
+    text = markdown("title", [row])
+    assert "## triton_kernels_tuned, T=32: 80.0 us of kernels, 1.60x the floor (50.0 us, 78 experts)" in text
+    assert "| `combine_slots_kernel` | 20.0 | 25% | 1 |" in text
+    assert "x" * 100 not in text, "long template names are cut to the table width"

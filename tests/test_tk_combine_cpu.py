@@ -172,7 +172,7 @@ def test_scoped_fast_combine_swaps_reduce_and_restores_it_on_error():
 
 
 def test_scoped_fast_combine_is_a_no_op_without_matmul_ogs(monkeypatch):
-    monkeypatch.setattr(tk_combine, "_matmul_ogs_module", lambda: None)
+    monkeypatch.setattr(tk_combine, "matmul_ogs_module", lambda global_name: None)
     with tk_combine.scoped_fast_combine() as installed:
         assert installed is None
 

@@ -243,3 +243,15 @@ def test_triton_kernels_tuned_runs_without_a_table_but_refuses_a_broken_one(tmp_
     path.write_text("{not json")
     table, answer = backend.table_for(spec)
     assert table is None and not answer and str(path) in answer.reason
+
+
+def test_a_backend_whose_table_is_required_refuses_to_bind_none():
+    import torch
+
+    from moe_dispatch import SILU, ExpertWeights, MoESpec, Routing
+    from moe_dispatch.backends.sglang_triton_tuned import SGLangTritonTunedBackend
+
+    spec = MoESpec(8, 2, 32, 16, SILU, False, torch.bfloat16, Routing.SOFTMAX_TOPK_RENORM)
+    weights = ExpertWeights.random(spec, seed=0)
+    with pytest.raises(ValueError, match="'triton_tuned' needs a table"):
+        SGLangTritonTunedBackend(key_for=lambda s: KEY).check_binding(spec, weights, None)

@@ -90,6 +90,8 @@ class TableBacked:
     def check_binding(self, spec: MoESpec, weights: ExpertWeights, table: Any) -> None:
         """What prepare() checks, with `table` in place of the lookup; ValueError when it cannot run."""
         weights.check(spec)
+        if table is None and self.table_required:
+            raise ValueError(f"kernel {self.name!r} needs a table, got None")
         for answer in (self.availability(), super().supports(spec)):
             if not answer:
                 raise ValueError(f"kernel {self.name!r} cannot run {spec.describe()}: {answer.reason}")

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moe_dispatch.backends.tk_matmul_flags import matmul_ogs_module
+
 BLOCK_N = 512  # columns per program: 16-byte loads for bf16 with 2 warps
 
 
@@ -145,16 +147,6 @@ def make_fast_reduce(original):
     return fast_reduce
 
 
-@functools.cache
-def _matmul_ogs_module() -> object | None:
-    """triton_kernels.matmul_ogs when that generation is installed and calls a module-level `reduce`."""
-    try:
-        import triton_kernels.matmul_ogs as module
-    except Exception:  # absent, broken, or the triton_kernels.matmul generation
-        return None
-    return module if callable(getattr(module, "reduce", None)) else None
-
-
 @contextlib.contextmanager
 def scoped_fast_combine(module: object = None) -> Iterator[object | None]:
     """Inside the block, matmul_ogs' top-k combine runs `combine_slots`.
@@ -162,7 +154,7 @@ def scoped_fast_combine(module: object = None) -> Iterator[object | None]:
     Yields the installed fast_reduce (its `calls` counts fast-path calls), or None when the
     matmul_ogs generation is not installed. `module`: the matmul_ogs module (tests).
     """
-    module = module if module is not None else _matmul_ogs_module()
+    module = module if module is not None else matmul_ogs_module("reduce")
     if module is None:
         yield None
         return

@@ -92,13 +92,14 @@ def gemm_keys(hidden_size: int, intermediate_size: int) -> dict[str, tuple[int, 
 
 
 @functools.cache
-def _matmul_ogs_module() -> object | None:
-    """triton_kernels.matmul_ogs when that generation (Triton 3.6) is installed, else None."""
+def matmul_ogs_module(global_name: str) -> object | None:
+    """triton_kernels.matmul_ogs when that generation (Triton 3.6) is installed and calls the
+    module-level function `global_name` (what a scoped swap replaces), else None."""
     try:
         import triton_kernels.matmul_ogs as module
     except Exception:  # absent, broken, or the triton_kernels.matmul generation
         return None
-    return module if callable(getattr(module, "make_opt_flags", None)) else None
+    return module if callable(getattr(module, global_name, None)) else None
 
 
 @functools.lru_cache(maxsize=8)  # scoped_matmul_flags runs per eager MoE call: read each function once
@@ -140,7 +141,7 @@ def scoped_matmul_flags(flags_by_gemm: Mapping[tuple[int, int], MatmulFlags], mo
     Yields whether the steering is in place (not when the mapping is empty or the
     matmul_ogs generation is not installed). `module`: the matmul_ogs module (tests).
     """
-    module = module if module is not None else _matmul_ogs_module()
+    module = module if module is not None else matmul_ogs_module("make_opt_flags")
     if not flags_by_gemm or module is None:
         yield False
         return
