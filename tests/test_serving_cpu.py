@@ -670,3 +670,25 @@ def test_cli_rejects_a_bad_model(capsys):
     assert "unknown model 'llama'" in capsys.readouterr().err
     assert cli.main(["--dry-run", "--models", "gpt-oss-120b:tp1:layers=36"]) == 2
     assert "use fewer layers" in capsys.readouterr().err
+
+
+def test_the_plugins_kernel_rule_is_parsed_kept_and_reported(tmp_path):
+    rule = "small_batch for 1-16, triton_kernels_tuned for 24-2048, triton_kernels for 4096 tokens and above (measured)"
+    text = sample_log(0, plugin="adaptive MoE start-up: measure_s=4.80 sizes=36 source=measured")
+    text += _sglang_line(0, f"adaptive MoE: MoE calls run {rule}") + "\n"
+    metrics = logparse.parse_log(text)
+    assert metrics.kernel_rule == rule and logparse.parse_log(sample_log(0)).kernel_rule is None
+    run = RunRecord("gpt-oss-120b-tp8", "measure", 1, "ok", wall_s=60.0, decode_ms={1: 5.0}, metrics=metrics)
+    assert records.from_json(records.to_json(run)).metrics.kernel_rule == rule
+    legacy = records.to_json(run)
+    del legacy["kernel_rule"]  # records written before the rule was kept
+    assert records.from_json(legacy).metrics.kernel_rule is None
+    stock = logparse.parse_log(sample_log(0))
+    off = RunRecord("gpt-oss-120b-tp8", "off", 1, "ok", wall_s=60.0, decode_ms={1: 6.0}, metrics=stock)
+    session = _session()
+    summaries = report.summarize([off, run], "gpt-oss-120b-tp8", ("off", "measure"))
+    assert summaries["measure"].kernel_rules == (rule,) and summaries["off"].kernel_rules == ()
+    text = report.markdown(session, "gpt-oss-120b-tp8", summaries)
+    assert text.rstrip().endswith(f"- measure: {rule}")
+    path, _ = report.save(session, "gpt-oss-120b-tp8", [off, run], tmp_path)
+    assert report.load_summary(path)[1]["measure"].kernel_rules == (rule,)

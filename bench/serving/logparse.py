@@ -6,6 +6,7 @@ Log lines read (SGLang 0.5.17 logs through `[<date> TP<rank>] <message>`):
     Capture target prefill CUDA graph end. elapsed=<s> s, mem usage=<GB> GB, avail mem=<GB> GB.
     Capture target decode CUDA graph end. elapsed=<s> s, mem usage=<GB> GB, avail mem=<GB> GB.
     adaptive MoE start-up: measure_s=<float> sizes=<int> source=<measured|plan|threshold|fixed>   (the plugin)
+    adaptive MoE: MoE calls run <kernel> for <sizes>, ... (<source>)      (the plugin's rule, rank 0)
 
 With several tensor-parallel ranks each value is the largest over ranks (the slowest rank sets
 start-up; memory is per GPU). The plugin line counts once per rank: its last occurrence.
@@ -28,6 +29,7 @@ _NUM = r"(-?\d+(?:\.\d+)?)"
 _LOAD = re.compile(rf"Load weight end\. elapsed={_NUM} s,.*\bmem usage={_NUM} GB")
 _CAPTURE = re.compile(rf"Capture target (decode|prefill) CUDA graph end\. elapsed={_NUM} s, mem usage={_NUM} GB")
 _PLUGIN = re.compile(rf"adaptive MoE start-up: measure_s={_NUM} sizes=(\d+) source=(\w+)")
+_RULE = re.compile(r"adaptive MoE: MoE calls run (.+\(\w+\))\s*$")
 _MAX_TOKENS = re.compile(r"max_total_num_tokens=(\d+)")
 _EXCEPTION = re.compile(r"^(?:[A-Za-z_][\w.]*)?(?:Error|Exception|Interrupt)\b.*")
 
@@ -59,6 +61,7 @@ class LogMetrics:
     plugin: PluginStartup | None = None
     max_total_num_tokens: int | None = None
     error: str | None = None
+    kernel_rule: str | None = None  # which kernel runs MoE calls of which size, as the plugin logged it
 
 
 def _rank(line: str) -> int:
@@ -79,6 +82,7 @@ def parse_log(text: str) -> LogMetrics:
     plugin: dict[int, PluginStartup] = {}
     max_tokens = None
     error = None
+    rule = None
     in_traceback = False
     for line in text.splitlines():
         if match := _LOAD.search(line):
@@ -87,6 +91,8 @@ def parse_log(text: str) -> LogMetrics:
             capture[match.group(1)].append(Phase(float(match.group(2)), float(match.group(3))))
         elif match := _PLUGIN.search(line):
             plugin[_rank(line)] = PluginStartup(float(match.group(1)), int(match.group(2)), match.group(3))
+        elif match := _RULE.search(line):
+            rule = match.group(1)
         elif match := _MAX_TOKENS.search(line):
             max_tokens = int(match.group(1))
         if line.startswith("Traceback (most recent call last)"):
@@ -105,6 +111,7 @@ def parse_log(text: str) -> LogMetrics:
         plugin=startup,
         max_total_num_tokens=max_tokens,
         error=error,
+        kernel_rule=rule,
     )
 
 

@@ -135,6 +135,7 @@ def to_json(record: RunRecord) -> dict:
         "plugin": None if m.plugin is None else dataclasses.asdict(m.plugin),
         "max_total_num_tokens": m.max_total_num_tokens,
         "error": m.error,
+        "kernel_rule": m.kernel_rule,
         "note": record.note,
     }
 
@@ -154,6 +155,7 @@ def from_json(data: dict) -> RunRecord:
             plugin=None if plugin is None else PluginStartup(plugin["measure_s"], plugin["sizes"], plugin["source"]),
             max_total_num_tokens=data["max_total_num_tokens"],
             error=data["error"],
+            kernel_rule=data.get("kernel_rule"),  # absent from records written before it was kept
         )
         return RunRecord(
             model=data["model"],

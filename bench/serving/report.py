@@ -80,6 +80,7 @@ class ModeSummary:
     plugin_source: str | None
     other: tuple[str, ...]
     warm_start_s: float | None = None  # min over counted runs of plugin timing + graphs total
+    kernel_rules: tuple[str, ...] = ()  # the plugin's logged kernel-by-size rules, distinct over counted runs
 
 
 def _start_s(r: RunRecord) -> float | None:
@@ -113,6 +114,7 @@ def summarize(runs: list[RunRecord], model: str, modes: tuple[str, ...]) -> dict
             plugin_source="+".join(dict.fromkeys(sources)) or None,
             other=other,
             warm_start_s=min(starts) if starts else None,
+            kernel_rules=tuple(dict.fromkeys(r.metrics.kernel_rule for r in counted if r.metrics.kernel_rule)),
         )
     return out
 
@@ -234,6 +236,9 @@ def markdown(session: Session, model: str, summaries: dict[str, ModeSummary]) ->
         "fastest graphs total: the first process of a session compiles every Triton kernel it uses (cold), so the "
         "medians above mix cold and warm starts, while the fastest repeat is the warm process.",
     ]
+    rules = [f"- {m}: {rule}" for m, s in summaries.items() for rule in s.kernel_rules]
+    if rules:
+        lines += ["", "Kernels by MoE call size (tokens), as the plugin logged them", "", *rules]
     return "\n".join(lines) + "\n"
 
 
@@ -267,6 +272,7 @@ def to_json(session: Session, model: str, summaries: dict[str, ModeSummary], run
                 "warm_start_s": _round(s.warm_start_s),
                 "warm_vs_off": _round(warm_vs_off(summaries, m)),
                 "plugin_source": s.plugin_source,
+                "kernel_rules": list(s.kernel_rules),
                 "not_counted": list(s.other),
             }
             for m, s in summaries.items()
@@ -308,5 +314,6 @@ def load_summary(path: Path) -> tuple[dict, dict[str, ModeSummary]]:
             s["plugin_source"],
             (),
             s.get("warm_start_s"),  # absent in files written before it was added
+            tuple(s.get("kernel_rules", ())),  # likewise
         )
     return data, summaries
