@@ -8,7 +8,6 @@ and draws the PNG plot from it. Needs a CUDA GPU; without one it says so and exi
 from __future__ import annotations
 
 import argparse
-import datetime
 import shlex
 import sys
 import time
@@ -84,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     args = parse_args(argv)
     from bench.plot import plot
-    from bench.results import BenchRun, save, versions
+    from bench.results import BenchRun, now_iso, save, versions
     from bench.roofline import measure_ceilings
     from bench.runner import BenchSettings, run_shard
     from bench.table import render_run
@@ -118,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         versions=versions(),
         ceilings=ceilings,
         seeds={"weights": args.seed, "inputs": args.seed},
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        date=now_iso(),
         command="python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
         shards=tuple(shards),
     )

@@ -257,6 +257,25 @@ def versions() -> dict[str, str]:
     }
 
 
+def now_iso() -> str:
+    """Now, in UTC, as ISO 8601 to the second: when a result or table was made."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def run_meta(tool: str, argv: list[str] | None) -> dict[str, object]:
+    """A probe's run header: GPU name, versions, date and the command line (`argv`: its arguments,
+    None for sys.argv's). Imports torch, asks CUDA for the device name."""
+    import torch
+
+    args = sys.argv[1:] if argv is None else argv
+    return {
+        "gpu": torch.cuda.get_device_name(),
+        "versions": versions(),
+        "date": now_iso(),
+        "command": f"python -m {tool} " + " ".join(args),
+    }
+
+
 def _timing_json(t: Timing | None) -> dict | None:
     return None if t is None else dataclasses.asdict(t)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import math
 import sys
@@ -250,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     args = parse_args(argv)
     args.tokens = tuple(int(t) for t in args.tokens.split(","))
-    from bench.results import versions
+    from bench.results import run_meta
     from bench.roofline import measure_ceilings
 
     start = time.perf_counter()
@@ -259,9 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.perf_counter() - start:7.1f}s] {line}", file=sys.stderr, flush=True)
 
     props = torch.cuda.get_device_properties(0)
-    result = {"gpu": props.name, "sm_count": props.multi_processor_count, "versions": versions()}
-    result["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    result["command"] = "python -m bench.small_batch_probe " + " ".join(argv if argv is not None else sys.argv[1:])
+    result = run_meta("bench.small_batch_probe", argv)
+    result["sm_count"] = props.multi_processor_count
     if args.configs:
         result["sweep"] = points = sweep(args, say)
         print(sweep_table([p for p in points if "best" in p]))

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
 import statistics
@@ -292,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.part is not None:
         return warm(args)
-    from bench.results import versions
+    from bench.results import run_meta
     from moe_dispatch.backends.triton_kernels_backend import TritonKernelsBackend
 
     support = TritonKernelsBackend().availability()
@@ -322,14 +321,9 @@ def main(argv: list[str] | None = None) -> int:
             say(f"wrote {store_table(shard.spec, mine, args.tables, args.min_gain, ' '.join(argv))}")
         del shard
         torch.cuda.empty_cache()
-    gpu = torch.cuda.get_device_name()
-    meta = {
-        "gpu": gpu,
-        "versions": versions(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m bench.tk_flags_probe " + " ".join(argv),
-        "pid": os.getpid(),
-    }
+    meta = run_meta("bench.tk_flags_probe", argv)
+    gpu = meta["gpu"]
+    meta["pid"] = os.getpid()
     header = (
         f"### triton_kernels opt flags: its own vs the best per matmul ({args.preset}, {gpu})\n\n"
         f"versions: {meta['versions']}; CUDA-graph replays, median of {args.rounds} round medians of "

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import datetime
 import statistics
 from pathlib import Path
 
+from bench.results import now_iso
 from moe_dispatch.backends.tk_matmul_flags import MatmulFlags
 
 
@@ -39,7 +39,7 @@ def store_table(spec, points: list[dict], directory: Path, min_gain: float, comm
         except TunedConfigError as error:
             print(f"replacing {tk_table_path(key, directory)}: {error}", flush=True)
     buckets.update({p["tokens"]: bucket_entry(p, min_gain) for p in points})
-    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    now = now_iso()
     notes = f"python -m bench.tk_flags_probe {command}; min_gain={min_gain}; buckets {[p['tokens'] for p in points]}"
     return save_tk_table(TkFlagsTable(key, buckets, created=now, notes=notes), directory)
 

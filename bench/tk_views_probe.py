@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import functools
 import json
 import statistics
@@ -204,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench.tk_views_probe needs a CUDA GPU", file=sys.stderr)
         return 1
-    from bench.results import versions
+    from bench.results import run_meta
     from moe_dispatch import preset
     from moe_dispatch.backends.triton_kernels_backend import TritonKernelsBackend
 
@@ -219,13 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         spec = preset(args.preset, tp=tp)
         print(f"## {spec.describe()}", flush=True)
         cases += probe_shard(spec, tp, args.tokens, args.replays, args.rounds, lambda line: print(line, flush=True))
-    gpu = torch.cuda.get_device_name()
-    meta = {
-        "gpu": gpu,
+    meta = run_meta("bench.tk_views_probe", argv)
+    gpu = meta["gpu"]
+    meta |= {
         "sm_count": torch.cuda.get_device_properties(0).multi_processor_count,
-        "versions": versions(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m bench.tk_views_probe " + " ".join(argv if argv is not None else sys.argv[1:]),
         "replays": args.replays,
         "rounds": args.rounds,
     }

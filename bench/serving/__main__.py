@@ -20,7 +20,6 @@ the reports from a session's folder.
 from __future__ import annotations
 
 import argparse
-import datetime
 import shlex
 import sys
 from pathlib import Path
@@ -183,13 +182,13 @@ def main(argv: list[str] | None = None) -> int:
     for target, info in targets:
         if info.config is not None:
             models.write_model_folder(target.model_path, info.config)
-    from bench.results import versions
+    from bench.results import now_iso, versions
 
     command = "python -m bench.serving " + shlex.join(sys.argv[1:] if argv is None else argv)
     session = records.Session(
         gpu=gpu.name or "unknown GPU",
         versions=versions(),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        date=now_iso(),
         command=command,
         settings={
             "batch_sizes": list(plan.decode_batch_sizes),

@@ -177,11 +177,12 @@ def dry_run(args: argparse.Namespace) -> str:
 def tune_shape(spec, args, settings, state, budget, say):
     import torch
 
+    from bench.results import now_iso
     from bench.tune.gpu import GpuTuner
     from bench.tune.report import ShapeReport
     from bench.tune.search import SearchContext, tune_buckets
     from bench.tune.space import Point
-    from bench.tune.tables import now_iso, store
+    from bench.tune.tables import store
     from graphs.measure import TimingPlan
     from moe_dispatch.tuned_configs import current_key
 

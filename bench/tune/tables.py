@@ -5,12 +5,12 @@ run did not come back but the report did)."""
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from bench.results import now_iso
 from bench.tune.search import Outcome
 from moe_dispatch.tuned_configs import (
     BucketConfig,
@@ -32,10 +32,6 @@ def parse_label(label: object) -> TileConfig:
     if match is None:
         raise ValueError(f"{label!r} is not a tile label like 'm16n32k64g1w4s3'")
     return TileConfig(*map(int, match.groups()))
-
-
-def now_iso() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def _settings_text(settings: Mapping[str, object]) -> str:
