@@ -33,6 +33,7 @@ from moe_dispatch.table_files import (
     check_key,
     checked_table,
     error_reason,
+    is_int,
     parse_buckets,
     read_table_file,
     table_json,
@@ -88,7 +89,7 @@ class TkFlagsTable:
 
     def flags_for(self, num_tokens: int) -> TkBucket | None:
         """The nearest bucket (in log2 distance; ties to the larger) within 2x of `num_tokens`, else None."""
-        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
+        if not is_int(num_tokens) or num_tokens < 0:
             raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
         t = max(num_tokens, 1)
         nearest = min(self.buckets, key=lambda b: (abs(math.log2(b / t)), -b))

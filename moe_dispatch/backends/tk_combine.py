@@ -98,16 +98,6 @@ def _plain_flex(flex: object, scales: tuple[str, ...]) -> bool:
     return flex is None or (getattr(flex, "dtype", "?") is None and all(getattr(flex, s, "?") is None for s in scales))
 
 
-def slot_mask(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None | bool:
-    """The [T, k] mask behind reduce's [T, k, N] one (broadcast over columns), None for no mask,
-    False when the mask varies along columns (not the combine pattern)."""
-    if mask is None:
-        return None
-    if mask.dim() != 3 or tuple(mask.shape) != tuple(x.shape) or mask.stride(2) != 0:
-        return False
-    return mask[:, :, 0]
-
-
 FLEX_SCALES = {"x_flex": ("scale",), "y_flex": ("expected_scale", "actual_scale", "checksum_scale")}
 
 
@@ -127,8 +117,12 @@ def fast_path_mask(x: object, dim: object, options: dict) -> tuple[bool, torch.T
         return False, None
     if not all(_plain_flex(options.get(name), scales) for name, scales in FLEX_SCALES.items()):
         return False, None
-    slots = slot_mask(options.get("mask"), x)
-    return (False, None) if slots is False else (True, slots)
+    mask = options.get("mask")  # [T, k, N], broadcast over columns: its [T, k] slots reach the kernel
+    if mask is None:
+        return True, None
+    if mask.dim() != 3 or tuple(mask.shape) != tuple(x.shape) or mask.stride(2) != 0:
+        return False, None
+    return True, mask[:, :, 0]
 
 
 def make_fast_reduce(original):
