@@ -287,6 +287,45 @@ def test_forward_hook_steers_the_triton_kernels_runner_with_the_tables_flags(mon
     assert during[-1] == [{}] and combined[-1] is True
 
 
+def test_topk_hook_routes_tk_tuned_calls_with_the_fused_metadata(monkeypatch):
+    switch = KernelSwitch()
+    monkeypatch.setattr(layer_hooks, "SWITCH", switch)
+    formats = {"triton": "STANDARD", "triton_kernels": "TRITON_KERNEL", TK_TUNED_KERNEL: "TRITON_KERNEL"}
+    monkeypatch.setattr(layer_hooks, "_sgl", lambda: types.SimpleNamespace(formats=formats))
+    fused: list[bool] = []
+
+    @contextlib.contextmanager
+    def fast_routing():
+        fused.append(True)
+        try:
+            yield None
+        finally:
+            fused.pop()
+
+    monkeypatch.setattr(layer_hooks, "scoped_fast_routing", fast_routing)
+    seen: list[tuple[str, bool]] = []
+
+    def original(topk, hidden, logits, **kwargs):
+        seen.append((topk.topk_config.output_format, bool(fused)))
+        return "routed"
+
+    topk, other = _Method(), _Method()
+    topk.topk_config = types.SimpleNamespace(output_format=None)
+    switch.add_topk(topk)
+    switch.rule = SizeRule((128, 8192), (TK_TUNED_KERNEL, "triton"))
+    method = _Method()  # held: the switch keeps its layers weakly
+    switch.enable_tk_tuned(None, [method])
+    hidden = lambda n: torch.empty(n, 8, device="meta")  # noqa: E731
+    assert layer_hooks.around_topk_forward_cuda(original, topk, hidden(100), None) == "routed"
+    layer_hooks.around_topk_forward_cuda(original, topk, hidden(4000), None)  # rule: triton
+    assert seen == [("TRITON_KERNEL", True), ("STANDARD", False)]
+    assert topk.topk_config.output_format is None and not fused, "format and routing restored after each call"
+    switch.enable_tk_tuned(None, [])  # tk_tuned not enabled: stock routing even where the rule names it
+    layer_hooks.around_topk_forward_cuda(original, topk, hidden(100), None)
+    layer_hooks.around_topk_forward_cuda(lambda *a, **k: seen.append("stock"), other, hidden(100), None)
+    assert seen[2:] == [("TRITON_KERNEL", False), "stock"]
+
+
 # --- small_batch --------------------------------------------------------------------------------
 
 

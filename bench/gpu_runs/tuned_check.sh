@@ -13,7 +13,10 @@
 #       bench.tk_flags_probe (triton_kernels' own opt flags vs variants per matmul), 8 compile workers;
 #       its TkFlagsTable goes into $OUT/tuned (a copy of the shipped tables, so buckets merge)
 #   source .gpu-deps/env.sh && bash bench/gpu_runs/tuned_check.sh tktests
-#       the GPU tiers of triton_tuned, tk_combine, triton_kernels_tuned and the plugin
+#       the GPU tiers of triton_tuned, tk_combine, tk_routing, triton_kernels_tuned and the plugin
+#   source .gpu-deps/env.sh && bash bench/gpu_runs/tuned_check.sh routing TOKENS
+#       tk_routing's GPU tier, then a breakdown of triton_kernels against triton_kernels_tuned with the
+#       fused routing allowed up to 16384 assignments (its cost where the default cap sends calls to stock)
 #   source .gpu-deps/env.sh && bash bench/gpu_runs/tuned_check.sh breakdown TP TOKENS KERNELS
 #       bench.kernel_breakdown: GPT-OSS device time per kernel of each candidate's call
 #   source .gpu-deps/env.sh && bash bench/gpu_runs/tuned_check.sh bench PRESET TP BUCKETS SECONDS
@@ -64,9 +67,16 @@ case "${1:-}" in
   tktests)  # both tuned backends and the plugin's layer hooks (incl. its extra candidates)
     step 90 tuned_gpu python3 -m pytest -q -p no:logging -m gpu tests/test_tuned_gpu.py
     step 90 tk_combine_gpu python3 -m pytest -q -p no:logging -m gpu tests/test_tk_combine_gpu.py
+    step 90 tk_routing_gpu python3 -m pytest -q -p no:logging -m gpu tests/test_tk_routing_gpu.py
     step 200 tk_tuned_gpu env MOE_DISPATCH_ERROR_TABLE="$OUT/tk_tuned_errors.jsonl" \
       python3 -m pytest -q -p no:logging -m gpu tests/test_tk_tuned_gpu.py
     step 170 plugin_gpu python3 -m pytest -q -p no:logging -m gpu tests/test_plugin_gpu.py
+    ;;
+  routing)
+    step 120 tk_routing_gpu python3 -m pytest -q -p no:logging -m gpu tests/test_tk_routing_gpu.py
+    step 150 breakdown python3 -c "import sys, moe_dispatch.backends.tk_routing as r; r.MAX_ASSIGNMENTS = 16384; \
+from bench.kernel_breakdown import main; sys.exit(main(sys.argv[1:]))" --tp 8 --tokens "$2" \
+      --kernels triton_kernels,triton_kernels_tuned --out "$OUT/breakdown-routing.md"
     ;;
   breakdown)  # device time per kernel of each candidate's call: breakdown TP TOKENS KERNELS
     step 150 breakdown python3 -m bench.kernel_breakdown --tp "$2" --tokens "$3" --kernels "$4" --out "$OUT/breakdown.md"
@@ -82,5 +92,5 @@ case "${1:-}" in
       --modes ${3:-off,measure,extra} --time-budget $budget --out out/serving --results $OUT/results"
     tar czf "$OUT/serving-runs.tgz" -C out/serving runs runs.jsonl session.json 2>/dev/null
     ;;
-  *) echo "usage: $0 tests | engine | tune PRESET TP BUCKETS SECONDS | tkprobe PRESET TP TOKENS SECONDS | tktests | breakdown TP TOKENS KERNELS | bench PRESET TP BUCKETS SECONDS | serving [MODEL [MODES [SECONDS]]]" >&2; exit 2 ;;
+  *) echo "usage: $0 tests | engine | tune PRESET TP BUCKETS SECONDS | tkprobe PRESET TP TOKENS SECONDS | tktests | routing TOKENS | breakdown TP TOKENS KERNELS | bench PRESET TP BUCKETS SECONDS | serving [MODEL [MODES [SECONDS]]]" >&2; exit 2 ;;
 esac

@@ -208,6 +208,10 @@ class KernelSwitch:
         """Whether this call of `method`'s layer runs triton_kernels_tuned (its flags and its combine)."""
         return method in self._tk_methods and self.kernel_for(num_tokens) == TK_TUNED_KERNEL
 
+    def routes_tk_tuned(self, num_tokens: int) -> bool:
+        """Whether adaptive TopKs route this call for triton_kernels_tuned (with its fused routing metadata)."""
+        return bool(self._tk_methods) and self.kernel_for(num_tokens) == TK_TUNED_KERNEL
+
     def configure(self, settings: AdaptiveMoESettings) -> None:
         self.settings = settings
         self.rule = static_rule(settings)

@@ -36,6 +36,7 @@ from moe_dispatch.backends.sglang_tile_override import sglang_tile_configs
 from moe_dispatch.backends.tk_combine import scoped_fast_combine
 from moe_dispatch.backends.tk_flags import call_with_view_flags
 from moe_dispatch.backends.tk_matmul_flags import scoped_matmul_flags
+from moe_dispatch.backends.tk_routing import scoped_fast_routing
 from moe_dispatch.backends.triton_kernels_backend import top_k_support
 from moe_dispatch.sglang_plugin import targets
 from moe_dispatch.sglang_plugin.kernel_switch import SWITCH, KernelSwitch
@@ -175,15 +176,18 @@ def run_small_batch(kernel: Any, dispatch_output: Any) -> torch.Tensor | None:
 def around_topk_forward_cuda(
     original: Any, topk: Any, hidden_states: torch.Tensor, router_logits: torch.Tensor, **kwargs: Any
 ) -> Any:
-    """Adaptive TopKs route in the format of the kernel chosen for this call; others run stock."""
+    """Adaptive TopKs route in the format of the kernel chosen for this call (for triton_kernels_tuned
+    with moe-dispatch's fused routing metadata); others run stock."""
     if not SWITCH.is_adaptive(topk):
         return original(topk, hidden_states, router_logits, **kwargs)
-    kernel = SWITCH.kernel_for(hidden_states.shape[0])
+    num_tokens = hidden_states.shape[0]
     config = topk.topk_config
     previous = config.output_format
-    config.output_format = _sgl().formats[kernel]
+    config.output_format = _sgl().formats[SWITCH.kernel_for(num_tokens)]
+    fused = scoped_fast_routing() if SWITCH.routes_tk_tuned(num_tokens) else contextlib.nullcontext()
     try:
-        return original(topk, hidden_states, router_logits, **kwargs)
+        with fused:
+            return original(topk, hidden_states, router_logits, **kwargs)
     finally:
         config.output_format = previous  # one forward thread: set/restore around the call is enough
 
