@@ -275,10 +275,12 @@ def test_layer_runs_triton_kernels_tuned_with_the_tables_flags(sglang_env, layer
 
 @pytest.mark.parametrize("num_tokens", (1, 64, 1024))
 def test_layer_runs_triton_kernels_tuned_without_a_table_bit_identical_to_stock(sglang_env, layers, num_tokens):
-    """triton_kernels_tuned with no flags table: triton_kernels' own flags and moe-dispatch's combine,
-    taken once per call and bit-identical to the same layer forced to the triton_kernels runner."""
+    """triton_kernels_tuned with no flags table: triton_kernels' own flags, moe-dispatch's routing
+    metadata (through the TopK hook, up to its cap) and combine, each taken once per call, and
+    bit-identical to the same layer forced to the triton_kernels runner."""
     import contextlib
 
+    from moe_dispatch.backends import tk_routing
     from moe_dispatch.sglang_plugin import layer_hooks
 
     switch = sglang_env
@@ -286,24 +288,32 @@ def test_layer_runs_triton_kernels_tuned_without_a_table_bit_identical_to_stock(
     x, logits = random_inputs(SPEC, num_tokens, device="cuda", seed=70 + num_tokens)
     with switch.forced("triton_kernels"):
         stock = forward(topk, moe, x, logits)
-    installed: list[object] = []
-    original = layer_hooks.scoped_fast_combine
+    installed: dict[str, list[object]] = {"scoped_fast_combine": [], "scoped_fast_routing": []}
+    originals = {name: getattr(layer_hooks, name) for name in installed}
 
-    @contextlib.contextmanager
-    def recording():
-        with original() as fast:
-            installed.append(fast)
-            yield fast
+    def recording(name):
+        @contextlib.contextmanager
+        def scoped():
+            with originals[name]() as fast:
+                installed[name].append(fast)
+                yield fast
+
+        return scoped
 
     switch.enable_tk_tuned(None, [moe.quant_method])
-    layer_hooks.scoped_fast_combine = recording
+    for name in installed:
+        setattr(layer_hooks, name, recording(name))
     try:
         with switch.forced("triton_kernels_tuned"):
             out = forward(topk, moe, x, logits)
     finally:
-        layer_hooks.scoped_fast_combine = original
+        for name, scoped in originals.items():
+            setattr(layer_hooks, name, scoped)
         switch.enable_tk_tuned(None, [])
-    assert len(installed) == 1 and installed[0].calls == 1, "the hook should run the combine once per call"
+    (combine,), (routing,) = installed["scoped_fast_combine"], installed["scoped_fast_routing"]
+    assert combine.calls == 1, "the layer hook should run the combine once per call"
+    fused = num_tokens * SPEC.top_k <= tk_routing.MAX_ASSIGNMENTS
+    assert routing.calls == int(fused), f"the TopK hook should run the fused routing {int(fused)} time(s)"
     diff = (out.float() - stock.float()).abs()
     assert torch.equal(out, stock), f"T={num_tokens}: max abs diff {diff.max().item():.3g}"
 
