@@ -205,7 +205,7 @@ def test_tk_tuned_is_measured_with_or_without_a_flags_table(switch, monkeypatch,
         startup.before_init_cuda_graphs(_runner([("topk", types.SimpleNamespace(quant_method=bare))]))
     assert switch.kernels == (*KERNELS, TK_TUNED_KERNEL)
     assert "triton_kernels_tuned is a candidate for 1 layer(s) (no triton_kernels flags table" in caplog.text
-    assert "triton_kernels' own flags with moe-dispatch's combine" in caplog.text
+    assert "triton_kernels' own flags with moe-dispatch's routing and combine" in caplog.text
     with switch.forced(TK_TUNED_KERNEL):
         assert switch.runs_tk_tuned(bare, 128) and switch.tk_flags(bare, 128) is None
     assert not switch.runs_tk_tuned(bare, 128)  # the rule runs another kernel there

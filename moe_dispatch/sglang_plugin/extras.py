@@ -3,9 +3,10 @@
     triton_tuned  a tuned table (moe_dispatch.tuned_configs) for the layers' shape, this GPU and
                   Triton version -> the Triton runner runs inside the table's tile configs
     triton_kernels_tuned
-                  the triton_kernels runner with moe-dispatch's top-k combine, and with the opt
-                  flags per matmul of a flags table (moe_dispatch.tk_flags_table) for the same key
-                  where there is one (without: triton_kernels' own flags)
+                  the triton_kernels runner with moe-dispatch's routing metadata and top-k
+                  combine, and with the opt flags per matmul of a flags table
+                  (moe_dispatch.tk_flags_table) for the same key where there is one (without:
+                  triton_kernels' own flags)
     small_batch   our decode kernel (moe_dispatch.backends.small_batch), prepared per layer over
                   the layer's own Triton-layout weights (no copy); it routes from the router
                   logits that SGLang's standard top-k output carries
@@ -59,7 +60,7 @@ def enable_tk_tuned(pairs: list[tuple[Any, Any]], switch: KernelSwitch) -> tuple
         "triton_kernels flags table",
         command,
         switch.enable_tk_tuned,
-        without="triton_kernels' own flags with moe-dispatch's combine",
+        without="triton_kernels' own flags with moe-dispatch's routing and combine",
     )
 
 

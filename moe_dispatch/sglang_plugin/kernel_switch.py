@@ -17,8 +17,8 @@ The switch also holds the set of TopK modules that are adaptive (paired with an
 unquantized FusedMoE); every other TopK runs stock. With `--adaptive-moe-extra-kernels`, more
 candidates join the measured ones for the layers given to `enable_tuned` / `enable_tk_tuned` /
 `enable_small_batch`: `triton_tuned` (the Triton runner with a tuned table's tile configs),
-`triton_kernels_tuned` (the triton_kernels runner with moe-dispatch's top-k combine and, where a
-flags table has them, its opt flags) and
+`triton_kernels_tuned` (the triton_kernels runner with moe-dispatch's routing metadata and top-k
+combine and, where a flags table has them, its opt flags) and
 `small_batch` (our decode kernel, called with the router logits of SGLang's standard top-k
 output). Pure Python, no SGLang.
 """
@@ -193,7 +193,7 @@ class KernelSwitch:
 
     def enable_tk_tuned(self, table: Any, methods: Iterable[object]) -> None:
         """Make triton_kernels_tuned a candidate for the layers whose methods are given: `table`'s flags
-        (None: triton_kernels' own) and moe-dispatch's top-k combine."""
+        (None: triton_kernels' own), moe-dispatch's routing metadata (the TopK hook) and top-k combine."""
         self.tk_table = table
         self._tk_methods = weakref.WeakSet(methods)
 

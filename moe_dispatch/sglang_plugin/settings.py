@@ -77,9 +77,9 @@ class AdaptiveMoESettings:
     extra_kernels: candidates policy "measure" times beside the two runners, where they can run:
         "triton_tuned" (SGLang's Triton runner with the tile configs of a tuned table for this GPU,
         Triton version and layer shape; see moe_dispatch.tuned_configs), "triton_kernels_tuned"
-        (the triton_kernels runner with moe-dispatch's top-k combine, and a flags table's opt flags
-        where one exists; moe_dispatch.tk_flags_table) and "small_batch" (our decode kernel, up to
-        its max_tokens). Opt-in: the probe times uniform routing, and
+        (the triton_kernels runner with moe-dispatch's routing metadata and top-k combine, and a
+        flags table's opt flags where one exists; moe_dispatch.tk_flags_table) and "small_batch"
+        (our decode kernel, up to its max_tokens). Opt-in: the probe times uniform routing, and
         small_batch loses to grouped GEMMs when a model routes few experts (README: decode sizes).
     """
 
