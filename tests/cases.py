@@ -128,3 +128,27 @@ def steering_then_recording(seen: list) -> Callable[[Mapping], contextlib.ExitSt
         return stack
 
     return steer_and_record
+
+
+class Recorder:
+    """Stands for a library function a scoped swap wraps: records each call, returns "original"."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[tuple, dict]] = []
+
+    def __call__(self, *args, **kwargs) -> str:
+        self.calls.append((args, kwargs))
+        return "original"
+
+
+def interpreted_results(test_file: str, tmp_path_factory, worker: str = "_interpreter_worker") -> dict:
+    """What `worker(out_path)` of `test_file` saved, run in a child process under Triton's interpreter."""
+    import pytest
+
+    from moe_dispatch.testing import run_interpreted
+
+    out = tmp_path_factory.mktemp(os.path.basename(test_file).removesuffix(".py")) / "results.pt"
+    failure = run_interpreted(test_file, worker, str(out))
+    if failure:
+        pytest.fail(f"interpreter {failure}")
+    return torch.load(out, weights_only=True)

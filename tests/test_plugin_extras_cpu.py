@@ -230,6 +230,21 @@ def test_tk_tuned_is_measured_with_or_without_a_flags_table(switch, monkeypatch,
     assert switch.tk_flags(method, 128) is None  # the rule runs another kernel there
 
 
+def _marking(active: list[bool]):
+    """A stand-in for a scoped swap (scoped_fast_combine, scoped_fast_routing): `active` is
+    non-empty inside its block."""
+
+    @contextlib.contextmanager
+    def scoped():
+        active.append(True)
+        try:
+            yield None
+        finally:
+            active.pop()
+
+    return scoped
+
+
 def test_forward_hook_steers_the_triton_kernels_runner_with_the_tables_flags(monkeypatch):
     switch = KernelSwitch()
     monkeypatch.setattr(layer_hooks, "SWITCH", switch)
@@ -251,17 +266,8 @@ def test_forward_hook_steers_the_triton_kernels_runner_with_the_tables_flags(mon
             active.pop()
 
     combining: list[bool] = []
-
-    @contextlib.contextmanager
-    def combine():
-        combining.append(True)
-        try:
-            yield None
-        finally:
-            combining.pop()
-
     monkeypatch.setattr(layer_hooks, "scoped_matmul_flags", recording)
-    monkeypatch.setattr(layer_hooks, "scoped_fast_combine", combine)
+    monkeypatch.setattr(layer_hooks, "scoped_fast_combine", _marking(combining))
     during: list[list[dict]] = []
     combined: list[bool] = []
 
@@ -293,16 +299,7 @@ def test_topk_hook_routes_tk_tuned_calls_with_the_fused_metadata(monkeypatch):
     formats = {"triton": "STANDARD", "triton_kernels": "TRITON_KERNEL", TK_TUNED_KERNEL: "TRITON_KERNEL"}
     monkeypatch.setattr(layer_hooks, "_sgl", lambda: types.SimpleNamespace(formats=formats))
     fused: list[bool] = []
-
-    @contextlib.contextmanager
-    def fast_routing():
-        fused.append(True)
-        try:
-            yield None
-        finally:
-            fused.pop()
-
-    monkeypatch.setattr(layer_hooks, "scoped_fast_routing", fast_routing)
+    monkeypatch.setattr(layer_hooks, "scoped_fast_routing", _marking(fused))
     seen: list[tuple[str, bool]] = []
 
     def original(topk, hidden, logits, **kwargs):

@@ -20,7 +20,8 @@ import torch
 
 from moe_dispatch import GPT_OSS_SWIGLU, SILU, ExpertWeights, MoESpec, Routing, get_backend, preset
 from moe_dispatch.backends.small_batch.backend import SmallBatchBackend, SmallBatchKernel
-from moe_dispatch.testing import assert_close, run_interpreted, untied_inputs
+from moe_dispatch.testing import assert_close, untied_inputs
+from tests.cases import interpreted_results
 
 REPO = Path(__file__).resolve().parents[1]
 NUM_EXPERTS, INTERMEDIATE = 8, 48
@@ -174,11 +175,7 @@ def _interpreter_worker(out_path: str) -> None:
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory) -> dict[str, dict]:
-    out = tmp_path_factory.mktemp("small_batch") / "results.pt"
-    failure = run_interpreted(__file__, "_interpreter_worker", str(out))
-    if failure:
-        pytest.fail(f"interpreter {failure}")
-    return torch.load(out, weights_only=True)
+    return interpreted_results(__file__, tmp_path_factory)
 
 
 def _result(results: dict[str, dict], name: str) -> dict:

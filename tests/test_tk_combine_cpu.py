@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moe_dispatch.backends import tk_combine
-from moe_dispatch.testing import run_interpreted
+from tests.cases import Recorder, interpreted_results
 
 # (tokens, slots, columns, dtype, mask): one program per token below 512 tokens, four from 512;
 # columns past one 512-wide tile; masks with unused slots whose rows hold NaN.
@@ -60,11 +60,7 @@ def _interpreter_worker(out_path: str) -> None:
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("tk_combine") / "results.pt"
-    failure = run_interpreted(__file__, "_interpreter_worker", str(out))
-    if failure:
-        pytest.fail(f"interpreter {failure}")
-    return torch.load(out, weights_only=True)
+    return interpreted_results(__file__, tmp_path_factory)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -82,15 +78,6 @@ def test_combine_is_bit_identical_to_an_in_order_float32_sum(interpreted, name):
         "the combine must be an in-order float32 sum, then one cast"
     )
     assert not torch.isnan(out).any(), f"{name}: NaN from a masked row leaked into the sum"
-
-
-class Recorder:
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, *args, **kwargs):
-        self.calls.append((args, kwargs))
-        return "original"
 
 
 @pytest.fixture

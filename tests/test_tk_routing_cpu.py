@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moe_dispatch.backends import tk_routing
-from moe_dispatch.testing import run_interpreted
+from tests.cases import Recorder, interpreted_results
 
 BLOCK_SIZES_LOG2 = range(4, 8)  # triton_kernels' block sizes on CUDA: 16, 32, 64, 128
 
@@ -78,11 +78,7 @@ def _interpreter_worker(out_path: str) -> None:
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory) -> dict:
-    out = tmp_path_factory.mktemp("tk_routing") / "results.pt"
-    failure = run_interpreted(__file__, "_interpreter_worker", str(out))
-    if failure:
-        pytest.fail(f"interpreter {failure}")
-    return torch.load(out, weights_only=True)
+    return interpreted_results(__file__, tmp_path_factory)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -120,15 +116,6 @@ def test_routing_metadata_refuses_mismatched_or_oversized_inputs():
     big = torch.zeros(tk_routing.MAX_ASSIGNMENTS + 1, 1, dtype=torch.int16)
     with pytest.raises(ValueError, match="exceed one program"):
         tk_routing.routing_metadata(big, torch.zeros(big.shape), 8, BLOCK_SIZES_LOG2)
-
-
-class Recorder:
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, *args, **kwargs):
-        self.calls.append((args, kwargs))
-        return "original"
 
 
 class CudaLike(torch.Tensor):

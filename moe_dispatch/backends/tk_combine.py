@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
 
 import torch
 import triton
 import triton.language as tl
 
+from moe_dispatch.backends.global_swap import swapped_global
 from moe_dispatch.backends.tk_matmul_flags import matmul_ogs_module
 
 BLOCK_N = 512  # columns per program: 16-byte loads for bf16 with 2 warps
@@ -141,20 +141,11 @@ def make_fast_reduce(original):
     return fast_reduce
 
 
-@contextlib.contextmanager
-def scoped_fast_combine(module: object = None) -> Iterator[object | None]:
+def scoped_fast_combine(module: object = None) -> contextlib.AbstractContextManager[object | None]:
     """Inside the block, matmul_ogs' top-k combine runs `combine_slots`.
 
     Yields the installed fast_reduce (its `calls` counts fast-path calls), or None when the
     matmul_ogs generation is not installed. `module`: the matmul_ogs module (tests).
     """
     module = module if module is not None else matmul_ogs_module("reduce")
-    if module is None:
-        yield None
-        return
-    original = module.reduce
-    module.reduce = installed = make_fast_reduce(original)
-    try:
-        yield installed
-    finally:
-        module.reduce = original
+    return swapped_global(module, "reduce", make_fast_reduce)

@@ -27,6 +27,8 @@ import inspect
 import re
 from collections.abc import Iterator, Mapping
 
+from moe_dispatch.backends.global_swap import swapped_global
+
 FIELDS = ("is_persistent", "block_m", "block_n", "block_k", "num_warps", "num_stages")
 _LABEL = re.compile(r"(P|NP)-m(\d+)n(\d+)k(\d+)w(\d+)s(\d+)")
 
@@ -142,12 +144,6 @@ def scoped_matmul_flags(flags_by_gemm: Mapping[tuple[int, int], MatmulFlags], mo
     matmul_ogs generation is not installed). `module`: the matmul_ogs module (tests).
     """
     module = module if module is not None else matmul_ogs_module("make_opt_flags")
-    if not flags_by_gemm or module is None:
-        yield False
-        return
-    original = module.make_opt_flags
-    module.make_opt_flags = _steering(original, dict(flags_by_gemm))
-    try:
-        yield True
-    finally:
-        module.make_opt_flags = original
+    steer = functools.partial(_steering, flags_by_gemm=dict(flags_by_gemm))
+    with swapped_global(module if flags_by_gemm else None, "make_opt_flags", steer) as installed:
+        yield installed is not None

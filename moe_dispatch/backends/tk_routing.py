@@ -28,11 +28,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Iterator
 
 import torch
 import triton
 import triton.language as tl
+
+from moe_dispatch.backends.global_swap import swapped_global
 
 # Tokens x k sorted by one program. On the H200 the one-program sort took 0.7 us for 128
 # assignments and 46 us for 4096 (a one-off probe timing the kernel's parts, 2026-11-29): past
@@ -198,20 +199,11 @@ def sglang_topk_module() -> object | None:
     return module if callable(getattr(module, "routing", None)) else None
 
 
-@contextlib.contextmanager
-def scoped_fast_routing(module: object = None) -> Iterator[object | None]:
+def scoped_fast_routing(module: object = None) -> contextlib.AbstractContextManager[object | None]:
     """Inside the block, SGLang's triton_kernels routing runs `routing_metadata` after the top-k.
 
     Yields the installed fast_routing (its `calls` counts fused-path calls), or None when SGLang's
     `routing` is absent. `module`: the module whose `routing` global is swapped (tests).
     """
     module = module if module is not None else sglang_topk_module()
-    if module is None:
-        yield None
-        return
-    original = module.routing
-    module.routing = installed = make_fast_routing(original)
-    try:
-        yield installed
-    finally:
-        module.routing = original
+    return swapped_global(module, "routing", make_fast_routing)
