@@ -136,11 +136,9 @@ def routing_metadata(
         raise ValueError(f"routing_metadata: {n} assignments / {num_experts} experts exceed one program's sort")
     sizes = len(block_sizes_log2)
     blocks = max_tiles(num_experts, n, 1 << block_sizes_log2[0])
-    ints = torch.empty(num_experts + 2 * n + (1 + sizes) * (num_experts + 1) + sizes * blocks, dtype=torch.int32,
-                       device=experts.device)  # fmt: skip
-    col_sum, col_sorted, row_sorted, offs, schedule = ints.split(
-        [num_experts, n, n, (1 + sizes) * (num_experts + 1), sizes * blocks]
-    )
+    parts = [num_experts, n, n, (1 + sizes) * (num_experts + 1), sizes * blocks]  # one allocation, split
+    ints = torch.empty(sum(parts), dtype=torch.int32, device=experts.device)
+    col_sum, col_sorted, row_sorted, offs, schedule = ints.split(parts)
     gate = torch.empty(n, dtype=vals.dtype, device=vals.device)
     block = max(16, triton.next_power_of_2(n))
     routing_metadata_kernel[(1,)](
@@ -178,9 +176,10 @@ def make_fast_routing(original):
         from triton_kernels.topk import topk_forward
 
         fast_routing.calls += 1
-        if options.get("sm_first", False):
+        sm_first = options.get("sm_first", False)
+        if sm_first:
             logits = torch.softmax(logits, dim=-1)
-        vals, experts, _ = topk_forward(logits, n_expts_act, apply_softmax=not options.get("sm_first", False))
+        vals, experts, _ = topk_forward(logits, n_expts_act, apply_softmax=not sm_first)
         meta = routing_metadata(experts, vals, logits.shape[-1], RaggedTensorMetadata.block_sizes_log2())
         ragged = RaggedTensorMetadata(meta.col_sum, meta.slice_offs, meta.block_offs, meta.schedule)
         routing_data = RoutingData(meta.gate, meta.col_sum, logits.shape[-1], n_expts_act, ragged)
