@@ -10,11 +10,19 @@ tp=8 on the H200 (bench/results/nvidia-h200/kernel-breakdown-tp8.md), up to a th
 `scoped_fast_combine()` replaces matmul_ogs' `reduce` inside the block with `fast_reduce`:
 the same sum, with programs of a few tokens x 512 columns, for exactly that call pattern
 (dim 1, a per-(token, slot) mask or none, no scale, no micro-scaling, no flex scales, no
-post-processing function, unit column strides). Every other call (the split-K reduce with
-its fused activation, quantized outputs) goes to triton_kernels' own `reduce` unchanged.
-The sum runs over the slots in order in float32, as triton_kernels' does, then one cast:
-the results are bit-identical. Like `scoped_matmul_flags`, this swaps a module global for
-the duration of the block: for one thread issuing MoE calls.
+post-processing function, unit column strides).
+
+The same swap takes matmul_ogs' split-K reduce: a split-K up matmul writes float32 partials
+`[S, rows, 2I]` and `reduce(x, dim=0, y=[rows, I], postprocess_fn1=<fused activation>)` sums
+the S slices, then applies the activation (GPT-OSS SwiGLU: interleaved gate/up pairs). Its
+64 x 128 tiles give 12 programs at 32 tokens of GPT-OSS tp=8 (7 us; 10 us at 8 tokens,
+kernel-breakdown-routing-tp8.md). `splitk_activation` runs the same sum in the same order and
+calls triton_kernels' own activation function on each tile, with programs of a few rows.
+
+Every other call (quantized outputs, flex scales, masks) goes to triton_kernels' own `reduce`
+unchanged. Sums run in order in float32, as triton_kernels' do, then one cast. Like
+`scoped_matmul_flags`, this swaps a module global for the duration of the block: for one
+thread issuing MoE calls.
 """
 
 from __future__ import annotations
@@ -90,6 +98,86 @@ def combine_slots(x: torch.Tensor, mask: torch.Tensor | None, y: torch.Tensor) -
     return y
 
 
+@triton.jit
+def splitk_activation_kernel(
+    x_ptr,  # [S, M, N] partial sums (columns contiguous)
+    y_ptr,  # [M, N // REDUCTION_N] (columns contiguous)
+    S,
+    M,
+    N,
+    stride_xs,
+    stride_xm,
+    stride_ym,
+    fn_arg0,
+    fn_arg1,
+    ACTIVATION: tl.constexpr,  # a jit function (tile [BLOCK_M, BLOCK_N], arg0, arg1) -> [BLOCK_M, OUT_N]
+    REDUCTION_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """y = ACTIVATION(sum over slices s (in order, float32) of x[s])."""
+    OUT_N: tl.constexpr = BLOCK_N // REDUCTION_N
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = offs_m < M
+    x_tile = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_n[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for s in range(0, S):
+        acc += tl.load(x_tile + s * stride_xs, mask=rows[:, None] & (offs_n < N)[None, :], other=0.0).to(tl.float32)
+    out = ACTIVATION(acc, fn_arg0, fn_arg1)
+    offs_o = tl.program_id(1) * OUT_N + tl.arange(0, OUT_N)
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_o[None, :]
+    tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=rows[:, None] & (offs_o < N // REDUCTION_N)[None, :])
+
+
+SPLITK_BLOCK_N = 128  # input columns per program (64 outputs for a pairwise activation)
+
+
+def splitk_activation(x: torch.Tensor, y: torch.Tensor, activation: object, args: tuple) -> torch.Tensor:
+    """y [M, N / r] = activation(sum of x [S, M, N] over S), for triton_kernels' fused activation
+    specs (`activation.fn`, `.reduction_n` = r) and its two arguments; returns y."""
+    S, M, N = x.shape
+    r = activation.reduction_n
+    if tuple(y.shape) != (M, N // r) or N % r or x.stride(2) != 1 or y.stride(1) != 1 or len(args) != 2:
+        raise ValueError(f"splitk_activation: x {tuple(x.shape)} / y {tuple(y.shape)} / {len(args)} args do not fit")
+    block_m = 4 if M <= 128 else 16
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, SPLITK_BLOCK_N))
+    splitk_activation_kernel[grid](
+        x, y, S, M, N, x.stride(0), x.stride(1), y.stride(0), *args,
+        ACTIVATION=activation.fn, REDUCTION_N=r, BLOCK_M=block_m, BLOCK_N=SPLITK_BLOCK_N, num_warps=2,
+    )  # fmt: skip
+    return y
+
+
+def splitk_pattern(x: object, dim: object, options: dict) -> object | None:
+    """The fused activation's specs and arguments (a PostprocessFn) when `fast_reduce` computes
+    this split-K reduce(x, dim=0, **options) itself, else None."""
+    act, y = options.get("postprocess_fn1"), options.get("y")
+    if dim != 0 or any(options.get(name) is not None for name in ("mask", "scale", "x_mxscale")):
+        return None
+    if (
+        options.get("y_has_mx")
+        or options.get("y_flex_saturate_inf")
+        or not _plain_postprocess(options.get("postprocess_fn2"))
+    ):
+        return None
+    if not all(_plain_flex(options.get(name), scales) for name, scales in FLEX_SCALES.items()):
+        return None
+    specs = getattr(act, "specs", None)
+    r = getattr(specs, "reduction_n", None)
+    if getattr(specs, "fn", None) is None or not isinstance(r, int) or r < 1 or SPLITK_BLOCK_N % r:
+        return None
+    if len(getattr(act, "fn_args", ())) != 2:
+        return None
+    if not (isinstance(x, torch.Tensor) and x.dim() == 3 and x.stride(2) == 1 and x.shape[2] % r == 0):
+        return None
+    if not (isinstance(y, torch.Tensor) and y.dim() == 2 and y.stride(1) == 1):
+        return None
+    if tuple(y.shape) != (x.shape[1], x.shape[2] // r) or options.get("y_dtype") not in (None, y.dtype):
+        return None
+    return act
+
+
 def _plain_postprocess(fn: object) -> bool:
     return fn is None or getattr(getattr(fn, "specs", None), "fn", "?") is None
 
@@ -127,17 +215,24 @@ def fast_path_mask(x: object, dim: object, options: dict) -> tuple[bool, torch.T
 
 def make_fast_reduce(original):
     """triton_kernels' `reduce` (called with keywords after x, dim); the combine pattern runs
-    `combine_slots`, every other call `original`."""
+    `combine_slots`, the split-K pattern `splitk_activation`, every other call `original`."""
 
     @functools.wraps(original)
     def fast_reduce(x, dim, *args, **options):
-        ours, slots = (False, None) if args else fast_path_mask(x, dim, options)
-        if not ours:
+        if args:
             return original(x, dim, *args, **options)
-        fast_reduce.calls += 1
-        return combine_slots(x, slots, options["y"]), None
+        ours, slots = fast_path_mask(x, dim, options)
+        if ours:
+            fast_reduce.calls += 1
+            return combine_slots(x, slots, options["y"]), None
+        activation = splitk_pattern(x, dim, options)
+        if activation is None:
+            return original(x, dim, *args, **options)
+        fast_reduce.splitk_calls += 1
+        return splitk_activation(x, options["y"], activation.specs, tuple(activation.fn_args)), None
 
-    fast_reduce.calls = 0  # how many calls took the fast path (tests)
+    fast_reduce.calls = 0  # how many combine calls took the fast path (tests)
+    fast_reduce.splitk_calls = 0  # how many split-K reduces did
     return fast_reduce
 
 
