@@ -36,12 +36,12 @@ def _activation(fn=pairwise_gate, reduction_n=2, args=(ALPHA, LIMIT)):
     return types.SimpleNamespace(specs=types.SimpleNamespace(fn=fn, reduction_n=reduction_n), fn_args=args)
 
 
-# (slices, rows, columns, output dtype): rows past one program's 4 or 16; columns past one
-# 128-wide tile and not a multiple of it.
+# (slices, rows, columns, output dtype): one row per program, and 4 with a partial last program;
+# columns past one 128-wide tile and not a multiple of it.
 CASES = {
     "s5-m10-n256-fp32": (5, 10, 256, torch.float32),
     "s11-m3-n200-fp32": (11, 3, 200, torch.float32),
-    "s2-m130-n128-fp32": (2, 130, 128, torch.float32),
+    "s2-m259-n128-fp32": (2, 259, 128, torch.float32),
     "s5-m33-n384-bf16": (5, 33, 384, torch.bfloat16),
 }
 
@@ -140,6 +140,20 @@ def test_strided_partials_go_to_triton_kernels_own(fast):
     x, options = _splitk_call()
     assert fast_reduce(x.transpose(1, 2).contiguous().transpose(1, 2), 0, **options) == "original"
     assert not launched
+
+
+def test_more_slices_than_unrolled_go_to_triton_kernels_own(fast):
+    fast_reduce, original, launched = fast
+    x, options = _splitk_call(slices=tk_combine.MAX_SPLITK_SLICES + 1)
+    assert fast_reduce(x, 0, **options) == "original"
+    assert not launched and len(original.calls) == 1
+
+
+@pytest.mark.parametrize(
+    "rows,block_m", [(1, 1), (32, 1), (63, 1), (64, 1), (128, 2), (255, 2), (256, 4), (512, 8), (4096, 8)]
+)
+def test_splitk_rows_per_program_grow_with_the_rows(rows, block_m):
+    assert tk_combine.splitk_block_m(rows) == block_m
 
 
 def test_splitk_activation_refuses_shapes_that_do_not_fit():
