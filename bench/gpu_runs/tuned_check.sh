@@ -15,8 +15,7 @@
 #   source .gpu-deps/env.sh && bash bench/gpu_runs/tuned_check.sh tktests
 #       the GPU tiers of triton_tuned, tk_combine, tk_routing, triton_kernels_tuned and the plugin
 #   source .gpu-deps/env.sh && bash bench/gpu_runs/tuned_check.sh routing TOKENS
-#       tk_routing's GPU tier, then a breakdown of triton_kernels against triton_kernels_tuned with the
-#       fused routing allowed up to 16384 assignments (its cost where the default cap sends calls to stock)
+#       tk_routing's GPU tier, then a breakdown of triton_kernels against triton_kernels_tuned
 #   source .gpu-deps/env.sh && bash bench/gpu_runs/tuned_check.sh breakdown TP TOKENS KERNELS
 #       bench.kernel_breakdown: GPT-OSS device time per kernel of each candidate's call
 #   source .gpu-deps/env.sh && bash bench/gpu_runs/tuned_check.sh bench PRESET TP BUCKETS SECONDS
@@ -74,8 +73,7 @@ case "${1:-}" in
     ;;
   routing)
     step 120 tk_routing_gpu python3 -m pytest -q -p no:logging -m gpu tests/test_tk_routing_gpu.py
-    step 150 breakdown python3 -c "import sys, moe_dispatch.backends.tk_routing as r; r.MAX_ASSIGNMENTS = 16384; \
-from bench.kernel_breakdown import main; sys.exit(main(sys.argv[1:]))" --tp 8 --tokens "$2" \
+    step 150 breakdown python3 -m bench.kernel_breakdown --tp 8 --tokens "$2" \
       --kernels triton_kernels,triton_kernels_tuned --out "$OUT/breakdown-routing.md"
     ;;
   breakdown)  # device time per kernel of each candidate's call: breakdown TP TOKENS KERNELS

@@ -1,26 +1,30 @@
-"""A fused routing-metadata kernel for triton_kernels' matmul_ogs (Triton 3.6 generation).
+"""Fused routing for triton_kernels' matmul_ogs (Triton 3.6 generation): top-k and metadata.
 
 SGLang's `routing(logits, k)` (sglang.srt.layers.moe.topk, TopK's TRITON_KERNEL format) turns the
 router logits into triton_kernels' RoutingData, GatherIndx and ScatterIndx with a chain of small
 launches: the top-k kernel, then `sum_bitmatrix_rows` (after a zero fill), two bitmatrix-metadata
 stages, two ragged-metadata kernels and a torch gather of the gate values. Each takes 1-2 us and
-a graph gap at decode sizes: about 10 us of kernels plus gaps per MoE call for GPT-OSS tp=8 on the
+a graph gap at decode sizes: about 13 us of kernels plus gaps per MoE call for GPT-OSS tp=8 on the
 H200 (bench/results/nvidia-h200/kernel-breakdown-combine-tp8.md).
 
-`routing_metadata_kernel` computes everything after the top-k in one program:
-- a stable sort of the (token, slot) assignments by expert: `col_sorted_indx` (= GatherIndx.src,
-  ScatterIndx.dst) and its inverse `row_sorted_indx` (GatherIndx.dst, ScatterIndx.src);
-- the per-expert counts (`slice_sizes`, RoutingData.expt_hist) and their exclusive sums;
-- per block size b in triton_kernels' list (16..128 on CUDA): the exclusive sums of
-  ceil(count / b) and the block schedule ((block within expert) << 16 | expert, then -1s);
-- the gate values in expert order (RoutingData.gate_scal).
-The top-k itself stays triton_kernels' own kernel, so the selection and its tie-breaking are
-unchanged; the metadata is integer work. Results are bit-identical to SGLang's `routing`.
+`fused_routing` computes the same in one launch up to 32 tokens and two above, in programs of
+32 tokens (triton_kernels' top-k block):
+1. `routing_topk_kernel`: triton_kernels' own top-k function (`streaming_topk`, passed in as a
+   constexpr, so selection and tie-breaking are unchanged) and the same softmax over the k
+   selected values, then each program's per-expert counts.
+2. `routing_scatter_kernel` (run by the first kernel itself when there is one program): from all
+   programs' counts, the per-expert totals and offsets; a stable sort of the program's
+   (token, slot) assignments by expert gives each its rank within its expert over the whole call,
+   hence `col_sorted_indx` (= GatherIndx.src, ScatterIndx.dst), its inverse `row_sorted_indx`
+   (GatherIndx.dst, ScatterIndx.src), the gate values in expert order and, per block size b in
+   triton_kernels' list (16..128 on CUDA), the block schedule ((block within expert) << 16 |
+   expert, then -1s); the first program writes the counts, slice offsets and block offsets.
+Results are bit-identical to SGLang's `routing` (tests/test_tk_routing_gpu.py).
 
-One program sorts all N = tokens x k assignments, so the path is taken up to
-`MAX_ASSIGNMENTS`; larger calls, and any call with arguments the fused path does not handle,
-run SGLang's `routing` unchanged. `scoped_fast_routing()` swaps the module global for the
-duration of a block, like `scoped_fast_combine`: for one thread issuing MoE calls.
+Each scatter program reads every program's counts, so the path is taken up to `MAX_TOKENS`;
+larger calls, and any call with arguments the fused path does not handle, run SGLang's `routing`
+unchanged. `scoped_fast_routing()` swaps the module global for the duration of a block, like
+`scoped_fast_combine`: for one thread issuing MoE calls.
 """
 
 from __future__ import annotations
@@ -35,17 +39,21 @@ import triton.language as tl
 
 from moe_dispatch.backends.global_swap import swapped_global
 
-# Tokens x k sorted by one program. On the H200 the one-program sort took 0.7 us for 128
-# assignments and 46 us for 4096 (a one-off probe timing the kernel's parts, 2026-11-29): past
-# about a thousand, triton_kernels' many-program metadata is faster.
-MAX_ASSIGNMENTS = 1024
+CHUNK_TOKENS = 32  # tokens per program: triton_kernels' top-k block, so its softmax runs in the same layout
+TOPK_BLOCK_N = 32  # experts per step of triton_kernels' streaming top-k (its own choice)
+MAX_CHUNKS = 256  # each scatter program reads all programs' counts: up to 8192 tokens
+MAX_TOKENS = CHUNK_TOKENS * MAX_CHUNKS
+COUNT_ROWS = 16  # programs' counts read per step
 PAD_CHUNK = 256  # schedule slots filled with -1 per step
 
 
 @triton.jit
-def routing_metadata_kernel(
-    expert_ptr,  # [N] expert of each (token, slot), row-major (the top-k's indices, any int type)
+def _scatter_chunk(
+    chunk,  # this program's chunk of CHUNK_TOKENS tokens
+    n_chunks,
+    experts_ptr,  # [N] int32: expert of each (token, slot), row-major
     vals_ptr,  # [N] gate value of each (token, slot)
+    counts_ptr,  # [n_chunks, E] int32: assignments per chunk and expert
     col_sum_ptr,  # [E] int32 out: assignments per expert
     col_sorted_ptr,  # [N] int32 out: assignment indices sorted by expert (stable)
     row_sorted_ptr,  # [N] int32 out: the inverse permutation
@@ -55,51 +63,123 @@ def routing_metadata_kernel(
     N,
     E,
     max_blocks,
-    BLOCK: tl.constexpr,  # power of 2 >= N
-    E_PAD: tl.constexpr,  # power of 2 > E (bin E collects the unused lanes)
+    LANES: tl.constexpr,  # assignments per chunk (CHUNK_TOKENS x k, a power of 2)
+    E_PAD: tl.constexpr,  # power of 2 > E
     FIRST_LOG2: tl.constexpr,  # log2 of the smallest block size
     SIZES: tl.constexpr,  # number of block sizes (powers of 2 from 2**FIRST_LOG2)
+    COUNT_ROWS: tl.constexpr,
     PAD_CHUNK: tl.constexpr,
 ):
-    lanes = tl.arange(0, BLOCK)
-    real = lanes < N
-    expert = tl.load(expert_ptr + lanes, mask=real, other=-1).to(tl.int32)
-    expert = tl.where(real & (expert >= 0), expert, 0xFFFF)  # unused lanes sort last
+    experts = tl.arange(0, E_PAD)
+    in_range = experts < E
+    totals = tl.zeros([E_PAD], dtype=tl.int32)
+    before = tl.zeros([E_PAD], dtype=tl.int32)  # assignments of earlier chunks, per expert
+    for first in range(0, n_chunks, COUNT_ROWS):
+        rows = first + tl.arange(0, COUNT_ROWS)
+        present = (rows < n_chunks)[:, None] & in_range[None, :]
+        counts = tl.load(counts_ptr + rows[:, None] * E + experts[None, :], mask=present, other=0)
+        totals += tl.sum(counts, 0)
+        before += tl.sum(tl.where((rows < chunk)[:, None], counts, 0), 0)
+    mine = tl.load(counts_ptr + chunk * E + experts, mask=in_range, other=0)
+    slice_offs = tl.cumsum(totals, 0) - totals
+
+    # Stable sort of the chunk's assignments by expert: sorted position p of expert e has rank
+    # before[e] + p - (first position of e in the chunk) within e over the whole call.
+    lanes = tl.arange(0, LANES)
+    real = chunk * LANES + lanes < N
+    expert = tl.load(experts_ptr + chunk * LANES + lanes, mask=real, other=0xFFFF)  # padding sorts last
     keys = tl.sort((expert.to(tl.uint32) << 16) | lanes.to(tl.uint32), 0)
     sorted_expert = (keys >> 16).to(tl.int32)
-    sorted_src = (keys & 0xFFFF).to(tl.int32)
-    used = sorted_expert != 0xFFFF
-    tl.store(col_sorted_ptr + lanes, tl.where(used, sorted_src, -1), mask=real)
-    tl.store(row_sorted_ptr + sorted_src, tl.where(used, lanes, -1), mask=real)
-    gate = tl.load(vals_ptr + sorted_src, mask=used & real, other=0.0)
-    tl.store(gate_ptr + lanes, gate, mask=real)
-
-    experts = tl.arange(0, E_PAD)
-    counts = tl.histogram(tl.minimum(sorted_expert, E), E_PAD)
-    counts = tl.where(experts < E, counts, 0)
-    tl.store(col_sum_ptr + experts, counts, mask=experts < E)
-    tl.store(offs_ptr + experts, tl.cumsum(counts, 0) - counts, mask=experts <= E)
+    used = sorted_expert < E
+    lookup = tl.minimum(sorted_expert, E_PAD - 1)
+    rank = tl.gather(before - (tl.cumsum(mine, 0) - mine), lookup, 0) + lanes
+    dest = tl.gather(slice_offs, lookup, 0) + rank
+    src = chunk * LANES + (keys & 0xFFFF).to(tl.int32)
+    tl.store(col_sorted_ptr + dest, src, mask=used)
+    tl.store(row_sorted_ptr + src, dest, mask=used)
+    tl.store(gate_ptr + dest, tl.load(vals_ptr + src, mask=used), mask=used)
     for size in tl.static_range(SIZES):
         log2 = FIRST_LOG2 + size
-        blocks = (counts + ((1 << log2) - 1)) >> log2
-        total = tl.sum(blocks, 0)
-        tl.store(offs_ptr + (1 + size) * (E + 1) + experts, tl.cumsum(blocks, 0) - blocks, mask=experts <= E)
-        for start in range(0, max_blocks, PAD_CHUNK):  # -1 after the last block
-            slots = start + tl.arange(0, PAD_CHUNK)
-            tl.store(schedule_ptr + size * max_blocks + slots, -1, mask=(slots >= total) & (slots < max_blocks))
-    tl.debug_barrier()  # the offsets are read back below by other threads of this program
-    # Lane p holds the sorted assignment p, of expert e, at rank p - slice_offs[e] within e; a rank
-    # that is a multiple of the block size starts block rank / size of e, at schedule slot
-    # block_offs[e] + rank / size.
-    owned = used & real
-    expert = tl.minimum(sorted_expert, E)
-    rank = lanes - tl.load(offs_ptr + expert, mask=owned, other=0)
-    for size in tl.static_range(SIZES):
-        log2 = FIRST_LOG2 + size
+        blocks = (totals + ((1 << log2) - 1)) >> log2
         block = rank >> log2
-        slot = tl.load(offs_ptr + (1 + size) * (E + 1) + expert, mask=owned, other=0) + block
-        starts = owned & ((rank & ((1 << log2) - 1)) == 0)
+        slot = tl.gather(tl.cumsum(blocks, 0) - blocks, lookup, 0) + block
+        starts = used & ((rank & ((1 << log2) - 1)) == 0)  # the first assignment of each block
         tl.store(schedule_ptr + size * max_blocks + slot, (block << 16) | sorted_expert, mask=starts)
+
+    if chunk == 0:  # the per-expert metadata, and -1 after each schedule's last block
+        tl.store(col_sum_ptr + experts, totals, mask=in_range)
+        tl.store(offs_ptr + experts, slice_offs, mask=experts <= E)
+        for size in tl.static_range(SIZES):
+            log2 = FIRST_LOG2 + size
+            blocks = (totals + ((1 << log2) - 1)) >> log2
+            tl.store(offs_ptr + (1 + size) * (E + 1) + experts, tl.cumsum(blocks, 0) - blocks, mask=experts <= E)
+            total = tl.sum(blocks, 0)
+            for start in range(0, max_blocks, PAD_CHUNK):
+                slots = start + tl.arange(0, PAD_CHUNK)
+                tl.store(schedule_ptr + size * max_blocks + slots, -1, mask=(slots >= total) & (slots < max_blocks))
+
+
+@triton.jit
+def routing_topk_kernel(
+    logits_ptr,  # [T, E], unit column stride
+    stride_logits,
+    experts_ptr,  # [N = T x K] int32 out: expert of each (token, slot), ascending per token
+    vals_ptr,  # [N] out: gate value of each (token, slot), the logits' dtype
+    counts_ptr,  # [n_chunks, E] int32 out
+    col_sum_ptr,
+    col_sorted_ptr,
+    row_sorted_ptr,
+    gate_ptr,
+    offs_ptr,
+    schedule_ptr,
+    T,
+    E,
+    max_blocks,
+    TOPK: tl.constexpr,  # triton_kernels' streaming_topk (or a stand-in with its signature)
+    APPLY_SOFTMAX: tl.constexpr,
+    K: tl.constexpr,  # top-k, a power of 2
+    TOPK_E_PAD: tl.constexpr,  # E rounded up to TOPK_BLOCK_N, as triton_kernels pads it
+    TOPK_BLOCK_N: tl.constexpr,
+    CHUNK_TOKENS: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,  # one program: it also runs the scatter
+    E_PAD: tl.constexpr,
+    FIRST_LOG2: tl.constexpr,
+    SIZES: tl.constexpr,
+    COUNT_ROWS: tl.constexpr,
+    PAD_CHUNK: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    tokens = chunk * CHUNK_TOKENS + tl.arange(0, CHUNK_TOKENS)
+    real = tokens[:, None] < T
+    vals, experts = TOPK(logits_ptr, stride_logits, E, tokens, real, TOPK_E_PAD, K, TOPK_BLOCK_N)
+    if APPLY_SOFTMAX:  # as triton_kernels' top-k kernel normalizes the selected values
+        vals = tl.softmax(vals.to(tl.float32), dim=1, keep_dims=True).to(logits_ptr.dtype.element_ty)
+    experts = experts.to(tl.int32)
+    flat = tokens[:, None] * K + tl.arange(0, K)[None, :]
+    tl.store(vals_ptr + flat, vals, mask=real)
+    tl.store(experts_ptr + flat, experts, mask=real)
+    bins = tl.arange(0, E_PAD)
+    counts = tl.histogram(tl.reshape(tl.where(real, experts, E), [CHUNK_TOKENS * K]), E_PAD)
+    tl.store(counts_ptr + chunk * E + bins, counts, mask=bins < E)
+    if ONE_CHUNK:
+        tl.debug_barrier()  # the stores above are read back below by other threads of this program
+        _scatter_chunk(
+            0, 1, experts_ptr, vals_ptr, counts_ptr, col_sum_ptr, col_sorted_ptr, row_sorted_ptr, gate_ptr, offs_ptr,
+            schedule_ptr, T * K, E, max_blocks, CHUNK_TOKENS * K, E_PAD, FIRST_LOG2, SIZES, COUNT_ROWS, PAD_CHUNK,
+        )  # fmt: skip
+
+
+@triton.jit
+def routing_scatter_kernel(
+    experts_ptr, vals_ptr, counts_ptr, col_sum_ptr, col_sorted_ptr, row_sorted_ptr, gate_ptr, offs_ptr, schedule_ptr,
+    N, E, max_blocks, n_chunks,
+    LANES: tl.constexpr, E_PAD: tl.constexpr, FIRST_LOG2: tl.constexpr, SIZES: tl.constexpr,
+    COUNT_ROWS: tl.constexpr, PAD_CHUNK: tl.constexpr,
+):  # fmt: skip
+    _scatter_chunk(
+        tl.program_id(0), n_chunks, experts_ptr, vals_ptr, counts_ptr, col_sum_ptr, col_sorted_ptr, row_sorted_ptr,
+        gate_ptr, offs_ptr, schedule_ptr, N, E, max_blocks, LANES, E_PAD, FIRST_LOG2, SIZES, COUNT_ROWS, PAD_CHUNK,
+    )  # fmt: skip
 
 
 def max_tiles(num_experts: int, num_rows: int, min_block: int) -> int:
@@ -112,43 +192,57 @@ def max_tiles(num_experts: int, num_rows: int, min_block: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class RoutingMetadata:
-    """What `routing_metadata` computes (shapes for N assignments, E experts, S block sizes)."""
+    """What `fused_routing` computes (shapes for N = T x k assignments, E experts, S block sizes)."""
 
+    experts: torch.Tensor  # [T, k] int32: the top-k's experts, ascending per token
+    vals: torch.Tensor  # [T, k]: their gate values, the logits' dtype
     col_sum: torch.Tensor  # [E] int32
     col_sorted: torch.Tensor  # [N] int32
     row_sorted: torch.Tensor  # [N] int32
-    gate: torch.Tensor  # [N], the dtype of the values
+    gate: torch.Tensor  # [N], the logits' dtype
     slice_offs: torch.Tensor  # [E + 1] int32
     block_offs: torch.Tensor  # [S, E + 1] int32
     schedule: torch.Tensor  # [S, max_tiles] int32
 
 
-def routing_metadata(
-    experts: torch.Tensor, vals: torch.Tensor, num_experts: int, block_sizes_log2: range
+def fused_routing(
+    logits: torch.Tensor, k: int, apply_softmax: bool, topk_fn: object, block_sizes_log2: range
 ) -> RoutingMetadata:
-    """The routing metadata of top-k `experts` [T, k] (int) with gate `vals` [T, k], in one launch."""
-    if experts.dim() != 2 or tuple(vals.shape) != tuple(experts.shape):
+    """The top-k of `logits` [T, E] and its routing metadata, in one launch up to CHUNK_TOKENS
+    tokens and two above. `topk_fn`: triton_kernels' `streaming_topk` (a jit function)."""
+    if logits.dim() != 2 or logits.stride(1) != 1 or not 1 <= logits.shape[0] <= MAX_TOKENS:
         raise ValueError(
-            f"routing_metadata: experts {tuple(experts.shape)} and vals {tuple(vals.shape)} must be [T, k]"
+            f"fused_routing: logits {tuple(logits.shape)} must be [T, E], unit column stride, 1..{MAX_TOKENS} rows"
         )
-    n = experts.numel()
-    if n > MAX_ASSIGNMENTS or num_experts >= 0xFFFF:
-        raise ValueError(f"routing_metadata: {n} assignments / {num_experts} experts exceed one program's sort")
+    tokens, num_experts = logits.shape
+    if k < 1 or k & (k - 1) or k > num_experts or num_experts >= 0xFFFF:
+        raise ValueError(f"fused_routing: top-k {k} must be a power of 2 <= the {num_experts} experts (< 65535)")
+    n = tokens * k
+    chunks = triton.cdiv(tokens, CHUNK_TOKENS)
     sizes = len(block_sizes_log2)
     blocks = max_tiles(num_experts, n, 1 << block_sizes_log2[0])
-    parts = [num_experts, n, n, (1 + sizes) * (num_experts + 1), sizes * blocks]  # one allocation, split
-    ints = torch.empty(sum(parts), dtype=torch.int32, device=experts.device)
-    col_sum, col_sorted, row_sorted, offs, schedule = ints.split(parts)
-    gate = torch.empty(n, dtype=vals.dtype, device=vals.device)
-    block = max(16, triton.next_power_of_2(n))
-    routing_metadata_kernel[(1,)](
-        experts.reshape(-1), vals.reshape(-1), col_sum, col_sorted, row_sorted, gate, offs, schedule,
-        n, num_experts, blocks,
-        BLOCK=block, E_PAD=triton.next_power_of_2(num_experts + 1), FIRST_LOG2=block_sizes_log2[0], SIZES=sizes,
-        PAD_CHUNK=PAD_CHUNK, num_warps=4 if block <= 512 else 8,
+    parts = [n, chunks * num_experts, num_experts, n, n, (1 + sizes) * (num_experts + 1), sizes * blocks]
+    ints = torch.empty(sum(parts), dtype=torch.int32, device=logits.device)  # one allocation, split
+    experts, counts, col_sum, col_sorted, row_sorted, offs, schedule = ints.split(parts)
+    vals, gate = torch.empty(2, n, dtype=logits.dtype, device=logits.device).unbind(0)
+    outputs = (experts, vals, counts, col_sum, col_sorted, row_sorted, gate, offs, schedule)
+    shape = dict(
+        E_PAD=triton.next_power_of_2(num_experts + 1), FIRST_LOG2=block_sizes_log2[0], SIZES=sizes,
+        COUNT_ROWS=COUNT_ROWS, PAD_CHUNK=PAD_CHUNK, num_warps=4,
     )  # fmt: skip
+    routing_topk_kernel[(chunks,)](
+        logits, logits.stride(0), *outputs, tokens, num_experts, blocks,
+        TOPK=topk_fn, APPLY_SOFTMAX=apply_softmax, K=k,
+        TOPK_E_PAD=triton.cdiv(num_experts, TOPK_BLOCK_N) * TOPK_BLOCK_N, TOPK_BLOCK_N=TOPK_BLOCK_N,
+        CHUNK_TOKENS=CHUNK_TOKENS, ONE_CHUNK=chunks == 1, **shape,
+    )  # fmt: skip
+    if chunks > 1:
+        routing_scatter_kernel[(chunks,)](*outputs, n, num_experts, blocks, chunks, LANES=CHUNK_TOKENS * k, **shape)
     offs = offs.view(1 + sizes, num_experts + 1)
-    return RoutingMetadata(col_sum, col_sorted, row_sorted, gate, offs[0], offs[1:], schedule.view(sizes, blocks))
+    return RoutingMetadata(
+        experts.view(tokens, k), vals.view(tokens, k), col_sum, col_sorted, row_sorted, gate, offs[0], offs[1:],
+        schedule.view(sizes, blocks),
+    )  # fmt: skip
 
 
 def takes_fast_path(logits: object, n_expts_act: int, options: dict) -> bool:
@@ -157,30 +251,40 @@ def takes_fast_path(logits: object, n_expts_act: int, options: dict) -> bool:
         return False
     if options.get("simulated_ep", 1) != 1:
         return False
-    if not (isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.is_cuda):
+    if not (isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.is_cuda and logits.stride(1) == 1):
         return False
-    return logits.shape[0] * n_expts_act <= MAX_ASSIGNMENTS and logits.shape[1] < 0xFFFF
+    tokens, experts = logits.shape
+    k = n_expts_act
+    return 1 <= tokens <= MAX_TOKENS and isinstance(k, int) and 1 <= k <= experts < 0xFFFF and not k & (k - 1)
 
 
-def make_fast_routing(original):
+def triton_kernels_topk() -> object | None:
+    """triton_kernels' streaming top-k (a jit function), None where this triton_kernels lacks it."""
+    try:
+        from triton_kernels.topk_details._topk_forward import streaming_topk
+    except ImportError:
+        return None
+    return streaming_topk
+
+
+def make_fast_routing(original, topk_fn: object = None):
     """SGLang's `routing(logits, n_expts_act, sm_first=False, expt_indx=None, simulated_ep=1,
-    n_rows=None)`: the plain call runs triton_kernels' top-k and `routing_metadata`, any other
-    `original`."""
+    n_rows=None)`: the plain call runs `fused_routing`, any other `original`. `topk_fn`: the
+    top-k jit function (default: triton_kernels'; without it every call runs `original`)."""
+    topk_fn = topk_fn if topk_fn is not None else triton_kernels_topk()
 
     @functools.wraps(original)
     def fast_routing(logits, n_expts_act, *args, **options):
-        if args or not takes_fast_path(logits, n_expts_act, options):
+        if args or topk_fn is None or not takes_fast_path(logits, n_expts_act, options):
             return original(logits, n_expts_act, *args, **options)
         from triton_kernels.matmul_ogs import GatherIndx, RoutingData, ScatterIndx
         from triton_kernels.tensor import RaggedTensorMetadata
-        from triton_kernels.topk import topk_forward
 
         fast_routing.calls += 1
         sm_first = options.get("sm_first", False)
         if sm_first:
             logits = torch.softmax(logits, dim=-1)
-        vals, experts, _ = topk_forward(logits, n_expts_act, apply_softmax=not sm_first)
-        meta = routing_metadata(experts, vals, logits.shape[-1], RaggedTensorMetadata.block_sizes_log2())
+        meta = fused_routing(logits, n_expts_act, not sm_first, topk_fn, RaggedTensorMetadata.block_sizes_log2())
         ragged = RaggedTensorMetadata(meta.col_sum, meta.slice_offs, meta.block_offs, meta.schedule)
         routing_data = RoutingData(meta.gate, meta.col_sum, logits.shape[-1], n_expts_act, ragged)
         return routing_data, GatherIndx(meta.col_sorted, meta.row_sorted), ScatterIndx(meta.row_sorted, meta.col_sorted)
@@ -199,7 +303,7 @@ def sglang_topk_module() -> object | None:
 
 
 def scoped_fast_routing(module: object = None) -> contextlib.AbstractContextManager[object | None]:
-    """Inside the block, SGLang's triton_kernels routing runs `routing_metadata` after the top-k.
+    """Inside the block, SGLang's triton_kernels routing runs `fused_routing`.
 
     Yields the installed fast_routing (its `calls` counts fused-path calls), or None when SGLang's
     `routing` is absent. `module`: the module whose `routing` global is swapped (tests).
