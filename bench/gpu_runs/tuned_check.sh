@@ -72,7 +72,7 @@ case "${1:-}" in
     step 170 plugin_gpu python3 -m pytest -q -p no:logging -m gpu tests/test_plugin_gpu.py
     ;;
   routing)
-    step 120 tk_routing_gpu python3 -m pytest -q -p no:logging -m gpu tests/test_tk_routing_gpu.py
+    step 200 tk_routing_gpu python3 -m pytest -q -p no:logging -m gpu tests/test_tk_routing_gpu.py
     step 150 breakdown python3 -m bench.kernel_breakdown --tp 8 --tokens "$2" \
       --kernels triton_kernels,triton_kernels_tuned --out "$OUT/breakdown-routing.md"
     ;;
