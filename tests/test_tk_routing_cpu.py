@@ -46,6 +46,8 @@ CASES = {
     "t250-k4-e32-skewed": (250, 4, 32, "skewed", False),
     "t256-k4-e128": (256, 4, 128, "uniform", True),
 }
+# Cases whose scatter programs read the counts in steps of this many programs (several steps).
+COUNT_ROWS = {"t100-k8-e16-skewed": 2, "t256-k4-e128": 4}
 
 
 def _logits(tokens, top_k, experts, routing, seed):
@@ -96,6 +98,7 @@ def _interpreter_worker(out_path: str) -> None:
     results = {}
     for i, (name, (tokens, top_k, experts, routing, softmax)) in enumerate(CASES.items()):
         logits = _logits(tokens, top_k, experts, routing, seed=i)
+        tk_routing.MAX_COUNT_ROWS = COUNT_ROWS.get(name, 64)
         meta = tk_routing.fused_routing(logits, top_k, softmax, stand_in_topk, BLOCK_SIZES_LOG2)
         results[name] = {
             "kernel": {f.name: getattr(meta, f.name).clone() for f in tk_routing.dataclasses.fields(meta)},

@@ -43,7 +43,7 @@ CHUNK_TOKENS = 32  # tokens per program: triton_kernels' top-k block, so its sof
 TOPK_BLOCK_N = 32  # experts per step of triton_kernels' streaming top-k (its own choice)
 MAX_CHUNKS = 256  # each scatter program reads all programs' counts: up to 8192 tokens
 MAX_TOKENS = CHUNK_TOKENS * MAX_CHUNKS
-COUNT_ROWS = 16  # programs' counts read per step
+MAX_COUNT_ROWS = 64  # programs' counts read per step: one step up to 2048 tokens
 PAD_CHUNK = 256  # schedule slots filled with -1 per step
 
 
@@ -228,7 +228,7 @@ def fused_routing(
     outputs = (experts, vals, counts, col_sum, col_sorted, row_sorted, gate, offs, schedule)
     shape = dict(
         E_PAD=triton.next_power_of_2(num_experts + 1), FIRST_LOG2=block_sizes_log2[0], SIZES=sizes,
-        COUNT_ROWS=COUNT_ROWS, PAD_CHUNK=PAD_CHUNK, num_warps=4,
+        COUNT_ROWS=min(MAX_COUNT_ROWS, max(2, triton.next_power_of_2(chunks))), PAD_CHUNK=PAD_CHUNK, num_warps=4,
     )  # fmt: skip
     routing_topk_kernel[(chunks,)](
         logits, logits.stride(0), *outputs, tokens, num_experts, blocks,
