@@ -95,7 +95,7 @@ def plot(run: BenchRun, out_png: Path | str) -> Path:
     axes = fig.subplots(1, n, squeeze=False)[0]
     for ax, shard in zip(axes, run.shards, strict=True):
         _draw_shard(ax, shard, colors)
-    fig.suptitle(f"MoE kernels under CUDA-graph replay: {run.gpu} ({run.date})")
+    fig.suptitle(f"MoE kernels under CUDA-graph replay\n{run.gpu}, {run.date[:10]}")  # fits one panel's width
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=120)
     return out_png
