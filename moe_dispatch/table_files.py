@@ -25,6 +25,11 @@ def is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def is_power_of_two(value: object) -> bool:
+    """An int (not a bool) that is a positive power of 2."""
+    return is_int(value) and value > 0 and value & (value - 1) == 0
+
+
 @dataclasses.dataclass(frozen=True)
 class TunedKey:
     """Where a table holds: the GPU name, the Triton version and the MoE shape (`shape_key`)."""

@@ -35,6 +35,7 @@ from moe_dispatch.table_files import (
     checked_table,
     error_reason,
     is_int,
+    is_power_of_two,
     parse_buckets,
     read_table_file,
     table_json,
@@ -59,10 +60,6 @@ _TRITON_DEFAULTS = {"num_warps": 4, "num_stages": 3}
 _DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
-def _power_of_two(value: int) -> bool:
-    return value > 0 and value & (value - 1) == 0
-
-
 @dataclasses.dataclass(frozen=True)
 class TileConfig:
     """One Triton fused_moe launch config (one matmul)."""
@@ -80,11 +77,11 @@ class TileConfig:
                 raise ValueError(f"TileConfig.{field.name} must be an int, got {getattr(self, field.name)!r}")
         for field in ("block_m", "block_n", "block_k"):
             value = getattr(self, field)
-            if value < 16 or not _power_of_two(value):  # tl.dot needs >= 16 per dimension
+            if value < 16 or not is_power_of_two(value):  # tl.dot needs >= 16 per dimension
                 raise ValueError(f"TileConfig.{field}={value} must be a power of 2 and >= 16")
         if self.group_m < 1:
             raise ValueError(f"TileConfig.group_m={self.group_m} must be >= 1")
-        if not _power_of_two(self.num_warps) or self.num_warps > 32:
+        if not is_power_of_two(self.num_warps) or self.num_warps > 32:
             raise ValueError(f"TileConfig.num_warps={self.num_warps} must be a power of 2 up to 32")
         if self.num_stages < 1:
             raise ValueError(f"TileConfig.num_stages={self.num_stages} must be >= 1")

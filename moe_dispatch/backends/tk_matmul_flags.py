@@ -28,13 +28,10 @@ import re
 from collections.abc import Iterator, Mapping
 
 from moe_dispatch.backends.global_swap import swapped_global
+from moe_dispatch.table_files import is_power_of_two
 
 FIELDS = ("is_persistent", "block_m", "block_n", "block_k", "num_warps", "num_stages")
 _LABEL = re.compile(r"(P|NP)-m(\d+)n(\d+)k(\d+)w(\d+)s(\d+)")
-
-
-def _power_of_two(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0 and value & (value - 1) == 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +49,7 @@ class MatmulFlags:
         if not isinstance(self.is_persistent, bool):
             raise ValueError(f"is_persistent must be a bool, got {self.is_persistent!r}")
         for name in ("block_m", "block_n", "block_k", "num_warps"):
-            if not _power_of_two(getattr(self, name)):
+            if not is_power_of_two(getattr(self, name)):
                 raise ValueError(f"{name} must be a positive power of 2, got {getattr(self, name)!r}")
         if self.block_m < 16 or self.block_m > 128:
             raise ValueError(

@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from moe_dispatch.backends.global_swap import swapped_global
+from moe_dispatch.table_files import is_power_of_two
 
 CHUNK_TOKENS = 32  # tokens per program: triton_kernels' top-k block, so its softmax runs in the same layout
 TOPK_BLOCK_N = 32  # experts per step of triton_kernels' streaming top-k (its own choice)
@@ -215,7 +216,7 @@ def fused_routing(
             f"fused_routing: logits {tuple(logits.shape)} must be [T, E], unit column stride, 1..{MAX_TOKENS} rows"
         )
     tokens, num_experts = logits.shape
-    if k < 1 or k & (k - 1) or k > num_experts or num_experts >= 0xFFFF:
+    if not is_power_of_two(k) or k > num_experts or num_experts >= 0xFFFF:
         raise ValueError(f"fused_routing: top-k {k} must be a power of 2 <= the {num_experts} experts (< 65535)")
     n = tokens * k
     chunks = triton.cdiv(tokens, CHUNK_TOKENS)
@@ -254,8 +255,7 @@ def takes_fast_path(logits: object, n_expts_act: int, options: dict) -> bool:
     if not (isinstance(logits, torch.Tensor) and logits.dim() == 2 and logits.is_cuda and logits.stride(1) == 1):
         return False
     tokens, experts = logits.shape
-    k = n_expts_act
-    return 1 <= tokens <= MAX_TOKENS and isinstance(k, int) and 1 <= k <= experts < 0xFFFF and not k & (k - 1)
+    return 1 <= tokens <= MAX_TOKENS and is_power_of_two(n_expts_act) and n_expts_act <= experts < 0xFFFF
 
 
 def triton_kernels_topk() -> object | None:

@@ -21,11 +21,8 @@ import triton
 
 from moe_dispatch.backends.small_batch import kernels
 from moe_dispatch.spec import MoESpec
+from moe_dispatch.table_files import is_power_of_two
 from moe_dispatch.weights import ExpertWeights
-
-
-def _is_power_of_two(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0 and value & (value - 1) == 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +62,7 @@ class SmallBatchConfig:
             elif field.name.endswith("_stages"):
                 if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 8:
                     raise ValueError(f"SmallBatchConfig.{field.name} must be an int in 1..8, got {value!r}")
-            elif not _is_power_of_two(value):
+            elif not is_power_of_two(value):
                 raise ValueError(f"SmallBatchConfig.{field.name} must be a power of two, got {value!r}")
         for field in ("up_warps", "down_warps"):
             if getattr(self, field) > 32:
