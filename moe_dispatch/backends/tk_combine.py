@@ -164,15 +164,9 @@ def splitk_pattern(x: object, dim: object, options: dict) -> object | None:
     """The fused activation's specs and arguments (a PostprocessFn) when `fast_reduce` computes
     this split-K reduce(x, dim=0, **options) itself, else None."""
     act, y = options.get("postprocess_fn1"), options.get("y")
-    if dim != 0 or any(options.get(name) is not None for name in ("mask", "scale", "x_mxscale")):
+    if dim != 0 or options.get("mask") is not None or options.get("y_flex_saturate_inf"):
         return None
-    if (
-        options.get("y_has_mx")
-        or options.get("y_flex_saturate_inf")
-        or not _plain_postprocess(options.get("postprocess_fn2"))
-    ):
-        return None
-    if not all(_plain_flex(options.get(name), scales) for name, scales in FLEX_SCALES.items()):
+    if not _plain_numerics(options):
         return None
     specs = getattr(act, "specs", None)
     r = getattr(specs, "reduction_n", None)
@@ -191,6 +185,15 @@ def splitk_pattern(x: object, dim: object, options: dict) -> object | None:
     return act
 
 
+def _plain_numerics(options: dict) -> bool:
+    """No scales, micro-scaling, flex scales or epilogue: a plain sum (and activation) in float32."""
+    if any(options.get(name) is not None for name in ("scale", "x_mxscale")) or options.get("y_has_mx"):
+        return False
+    if not _plain_postprocess(options.get("postprocess_fn2")):
+        return False
+    return all(_plain_flex(options.get(name), scales) for name, scales in FLEX_SCALES.items())
+
+
 def _plain_postprocess(fn: object) -> bool:
     return fn is None or getattr(getattr(fn, "specs", None), "fn", "?") is None
 
@@ -206,17 +209,13 @@ def fast_path_mask(x: object, dim: object, options: dict) -> tuple[bool, torch.T
     """(True, [T, k] mask or None) when `fast_reduce` computes reduce(x, dim, **options) itself,
     else (False, None)."""
     y = options.get("y")
-    if dim != 1 or any(options.get(name) is not None for name in ("scale", "x_mxscale")) or options.get("y_has_mx"):
+    if dim != 1 or not _plain_numerics(options) or not _plain_postprocess(options.get("postprocess_fn1")):
         return False, None
     if not (isinstance(x, torch.Tensor) and x.dim() == 3 and x.stride(2) == 1 and isinstance(y, torch.Tensor)):
         return False, None
     if y.dtype != x.dtype or y.dim() != 2 or y.stride(1) != 1 or tuple(y.shape) != (x.shape[0], x.shape[2]):
         return False, None
     if options.get("y_dtype") not in (None, y.dtype):
-        return False, None
-    if not all(_plain_postprocess(options.get(name)) for name in ("postprocess_fn1", "postprocess_fn2")):
-        return False, None
-    if not all(_plain_flex(options.get(name), scales) for name, scales in FLEX_SCALES.items()):
         return False, None
     mask = options.get("mask")  # [T, k, N], broadcast over columns: its [T, k] slots reach the kernel
     if mask is None:
