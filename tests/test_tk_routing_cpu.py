@@ -95,10 +95,10 @@ def _reference(logits, top_k, softmax):
 
 def _interpreter_worker(out_path: str) -> None:
     """Child process (TRITON_INTERPRET=1): each case's routing from the kernels and the reference."""
-    results = {}
+    results, default_rows = {}, tk_routing.MAX_COUNT_ROWS
     for i, (name, (tokens, top_k, experts, routing, softmax)) in enumerate(CASES.items()):
         logits = _logits(tokens, top_k, experts, routing, seed=i)
-        tk_routing.MAX_COUNT_ROWS = COUNT_ROWS.get(name, 64)
+        tk_routing.MAX_COUNT_ROWS = COUNT_ROWS.get(name, default_rows)
         meta = tk_routing.fused_routing(logits, top_k, softmax, stand_in_topk, BLOCK_SIZES_LOG2)
         results[name] = {
             "kernel": {f.name: getattr(meta, f.name).clone() for f in tk_routing.dataclasses.fields(meta)},
