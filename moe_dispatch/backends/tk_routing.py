@@ -103,22 +103,20 @@ def _scatter_chunk(
     tl.store(col_sorted_ptr + dest, src, mask=used)
     tl.store(row_sorted_ptr + src, dest, mask=used)
     tl.store(gate_ptr + dest, tl.gather(vals, sorted_lane, 0), mask=used)
+    experts = tl.arange(0, E_PAD)
+    if chunk == 0:  # the per-expert metadata (block offsets below)
+        tl.store(col_sum_ptr + experts, totals, mask=experts < E)
+        tl.store(offs_ptr + experts, slice_offs, mask=experts <= E)
     for size in tl.static_range(SIZES):
         log2 = FIRST_LOG2 + size
         blocks = (totals + ((1 << log2) - 1)) >> log2
+        block_offs = tl.cumsum(blocks, 0) - blocks
         block = rank >> log2
-        slot = tl.gather(tl.cumsum(blocks, 0) - blocks, lookup, 0) + block
+        slot = tl.gather(block_offs, lookup, 0) + block
         starts = used & ((rank & ((1 << log2) - 1)) == 0)  # the first assignment of each block
         tl.store(schedule_ptr + size * max_blocks + slot, (block << 16) | sorted_expert, mask=starts)
-
-    if chunk == 0:  # the per-expert metadata, and -1 after each schedule's last block
-        experts = tl.arange(0, E_PAD)
-        tl.store(col_sum_ptr + experts, totals, mask=experts < E)
-        tl.store(offs_ptr + experts, slice_offs, mask=experts <= E)
-        for size in tl.static_range(SIZES):
-            log2 = FIRST_LOG2 + size
-            blocks = (totals + ((1 << log2) - 1)) >> log2
-            tl.store(offs_ptr + (1 + size) * (E + 1) + experts, tl.cumsum(blocks, 0) - blocks, mask=experts <= E)
+        if chunk == 0:  # the block offsets, and -1 after the schedule's last block
+            tl.store(offs_ptr + (1 + size) * (E + 1) + experts, block_offs, mask=experts <= E)
             total = tl.sum(blocks, 0)
             for start in range(0, max_blocks, PAD_CHUNK):
                 slots = start + tl.arange(0, PAD_CHUNK)
