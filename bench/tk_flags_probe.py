@@ -3,11 +3,13 @@
     python -m bench.tk_flags_probe --out DIR [--preset gpt-oss-120b --tp 8,2 --tokens 32,128,1024
                                    --workers 8 --replays 100 --rounds 3]
 
-Per shard and token count T, on SGLang's triton_kernels runner as the `triton_kernels`
-backend runs it (transposed weight views, tk_flags' view fix):
+Per shard and token count T, on the kernel the table steers: `triton_kernels_tuned` without a
+table (SGLang's triton_kernels runner on the weight views, with moe-dispatch's routing, combine
+and split-K reduce), so each variant pays what it will cost in serving:
     1. triton_kernels' own flags for the up and the down matmul are recorded (`default`);
     2. `matmul_variants` lists flags around each (tiles, block_m, warps, stages, persistence,
-       and for a K long enough, split-K counts other than triton_kernels' own);
+       and for a K long enough, split-K counts on the default tile and on the tile with twice its
+       block_k);
        each variant runs with the other matmul at its own flags, steered by
        moe_dispatch.backends.tk_matmul_flags.scoped_matmul_flags;
     3. every variant's output is checked against the default's (bf16 tolerance), the ones
@@ -67,9 +69,10 @@ def matmul_variants(default: MatmulFlags, n: int, k: int, smem_bytes: int) -> li
 
     tiles: every block_n x block_k (no larger than the GEMM) at default's block_m, persistence;
     block_m: 16..128; warps: 4 and 8; stages: one fewer and one more; persistence flipped;
-    split_k: each of SPLITS that leaves every slice at least two blocks of K, other than
-    default's own split (`default.split_k`, the recorded count; None: no split variants). Only
-    the split variants set split_k; the others leave it to triton_kernels.
+    split_k: on default's tile and on that tile with twice its block_k, each of SPLITS that leaves
+    every slice at least two blocks of K, other than default's own split on its own tile
+    (`default.split_k`, the recorded count; None: no split variants). Only the split variants
+    set split_k; the others leave it to triton_kernels.
     A variant gets triton_kernels' warps rule and the most stages (<= 4) that fit, unless the
     step varies them. Variants with fewer than 2 stages, or whose pipeline needs more than
     `smem_bytes`, are left out.
@@ -96,7 +99,10 @@ def matmul_variants(default: MatmulFlags, n: int, k: int, smem_bytes: int) -> li
     flip = not d.is_persistent
     out.append(shaped(flip, d.block_m, default_block_n(n), d.block_k))
     if default.split_k is not None:
-        out.extend(dataclasses.replace(d, split_k=s) for s in SPLITS if s != default.split_k and k >= 2 * s * d.block_k)
+        for tile in (d, shaped(d.is_persistent, d.block_m, d.block_n, 2 * d.block_k)):
+            if tile is not None:
+                own = default.split_k if tile == d else None
+                out.extend(dataclasses.replace(tile, split_k=s) for s in SPLITS if s != own and k >= 2 * s * tile.block_k)
     kept: dict[MatmulFlags, None] = {}
     for v in out:
         if v is not None and v != d and stages_that_fit(v, smem_bytes) >= v.num_stages:
@@ -164,11 +170,11 @@ class Shard:
 
 def _shard(preset_name: str, tp: int) -> Shard:
     from moe_dispatch import ExpertWeights, preset
-    from moe_dispatch.backends.triton_kernels_backend import TritonKernelsBackend
+    from moe_dispatch.backends.triton_kernels_tuned import TritonKernelsTunedBackend
 
     spec = preset(preset_name, tp=tp)
     weights = ExpertWeights.random(spec, device="cuda", seed=0)
-    kernel = TritonKernelsBackend("view").prepare(spec, weights)
+    kernel = TritonKernelsTunedBackend().prepare_with_table(spec, weights, None)  # steered by each variant
     smem = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
     return Shard(spec, kernel, gemm_keys(spec.hidden_size, spec.intermediate_size), smem)
 

@@ -156,13 +156,20 @@ def test_variants_fit_shared_memory_and_differ_from_the_default(n, k):
 
 
 def test_split_variants_for_a_long_k_only_and_only_they_set_split_k():
-    own = MatmulFlags(True, 16, 256, 128, 4, 3, split_k=5)
+    own = MatmulFlags(True, 16, 256, 64, 4, 4, split_k=4)  # triton_kernels' own at 32 tokens, tp=8 (up)
     variants = matmul_variants(own, 720, 2880, H100_SMEM)
-    splits = sorted(v.split_k for v in variants if v.split_k is not None)
-    assert splits == [1, 2, 3, 4, 6, 8]  # every slice keeps >= 2 blocks of K (2880 >= 2 x 8 x 128); 5 is its own
-    assert all(dataclasses.replace(v, split_k=None) == dataclasses.replace(own, split_k=None)
-               for v in variants if v.split_k is not None)  # fmt: skip
-    assert not [v for v in matmul_variants(dataclasses.replace(own, split_k=1), 2880, 360, H100_SMEM) if v.split_k]
+    split = [v for v in variants if v.split_k is not None]
+    on_own_tile = sorted(v.split_k for v in split if v.block_k == 64)
+    on_doubled_k = sorted(v.split_k for v in split if v.block_k == 128)
+    assert on_own_tile == [1, 2, 3, 6, 8, 12, 16]  # every slice keeps >= 2 blocks of K; 4 is its own
+    assert on_doubled_k == [1, 2, 3, 4, 6, 8]  # 2880 >= 2 x 8 x 128, not 2 x 12 x 128
+    doubled = MatmulFlags(True, 16, 256, 128, 4, 3)  # the most stages (<= 4) that fit
+    assert all(dataclasses.replace(v, split_k=None) in (dataclasses.replace(own, split_k=None), doubled)
+               for v in split), split  # fmt: skip
+    # A tile twice as deep that does not fit shared memory gets no split variants.
+    deep = MatmulFlags(True, 16, 256, 128, 4, 3, split_k=5)
+    assert {v.block_k for v in matmul_variants(deep, 720, 2880, H100_SMEM) if v.split_k} == {128}
+    assert not [v for v in matmul_variants(dataclasses.replace(deep, split_k=1), 2880, 360, H100_SMEM) if v.split_k]
     assert not [v for v in matmul_variants(dataclasses.replace(own, split_k=None), 720, 2880, H100_SMEM) if v.split_k]
 
 
