@@ -102,7 +102,9 @@ def matmul_variants(default: MatmulFlags, n: int, k: int, smem_bytes: int) -> li
         for tile in (d, shaped(d.is_persistent, d.block_m, d.block_n, 2 * d.block_k)):
             if tile is not None:
                 own = default.split_k if tile == d else None
-                out.extend(dataclasses.replace(tile, split_k=s) for s in SPLITS if s != own and k >= 2 * s * tile.block_k)
+                out.extend(
+                    dataclasses.replace(tile, split_k=s) for s in SPLITS if s != own and k >= 2 * s * tile.block_k
+                )
     kept: dict[MatmulFlags, None] = {}
     for v in out:
         if v is not None and v != d and stages_that_fit(v, smem_bytes) >= v.num_stages:
