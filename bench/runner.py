@@ -8,7 +8,8 @@ Per shard (one MoESpec):
      per (size, kernel) and times the replays (uniform random routing);
   3. per size, side by side: each kernel's graph, the adaptive module's dispatch
      (`replay_bucket`, what a caller runs, using the winner chosen in step 2) and the
-     1536 rule's kernel are timed again by replay;
+     1536 rule's kernel are timed again by replay, interleaved in rounds (graphs.time_interleaved)
+     so a clock that drifts over the run weighs on every column alike;
   4. a skewed-routing case at a few sizes: the same graphs on skewed router logits;
   5. optional eager timings (host launch overhead included, as the seed measured).
 """
@@ -23,7 +24,7 @@ import torch
 
 from bench.results import BatchResult, ShardResult, Timing
 from bench.roofline import Ceilings, floor, touched_experts
-from graphs.timing import time_callable
+from graphs.timing import time_callable, time_interleaved
 from moe_dispatch import ExpertWeights, make_kernel, random_inputs, reference_moe, route
 from moe_dispatch.adaptive import AdaptiveMoE, graph_candidates
 from moe_dispatch.backends import candidate_at
@@ -31,6 +32,7 @@ from moe_dispatch.policy import DEFAULT_THRESHOLD, threshold_kernel
 from moe_dispatch.spec import MoESpec
 from moe_dispatch.testing import TOLERANCES, error_stats
 
+ADAPTIVE, RULE = "<adaptive>", "<1536 rule>"  # column keys no kernel name can take
 SKEW = 6.0  # logit offset across experts: routing concentrates on the highest-index experts
 
 
@@ -118,9 +120,14 @@ def run_shard(
             lg_rows = logits[:T]
             # Every column is timed here, in one pass, the same way (the capture's own timings
             # chose the winners; re-timing side by side keeps clock drift out of the comparison).
-            kernels = {n: timed(partial(moe.graphs.replay_variant, T, n)) for n in good if candidate_at(n, T)}
-            adaptive = timed(partial(moe.replay_bucket, T))
-            static_rule = timed(partial(moe.graphs.replay_variant, T, rule_kernel)) if rule_kernel else None
+            columns = {n: partial(moe.graphs.replay_variant, T, n) for n in good if candidate_at(n, T)}
+            columns[ADAPTIVE] = partial(moe.replay_bucket, T)
+            if rule_kernel:
+                columns[RULE] = partial(moe.graphs.replay_variant, T, rule_kernel)
+            stats = time_interleaved(columns, warmup=settings.warmup, repeats=settings.replays)
+            timings = {name: Timing.from_stats(s) for name, s in stats.items()}
+            adaptive, static_rule = timings.pop(ADAPTIVE), timings.pop(RULE, None)
+            kernels = timings
             eager = {}
             if settings.eager:
                 eager = {n: timed(partial(moe.kernels[n], x, lg)) for n in good if candidate_at(n, T)}

@@ -3,10 +3,13 @@
     python -m bench.tk_flags_probe --out DIR [--preset gpt-oss-120b --tp 8,2 --tokens 32,128,1024
                                    --workers 8 --replays 100 --rounds 3]
 
-Per shard and token count T, on SGLang's triton_kernels runner as the `triton_kernels`
-backend runs it (transposed weight views, tk_flags' view fix):
+Per shard and token count T, on the kernel the table steers: `triton_kernels_tuned` without a
+table (SGLang's triton_kernels runner on the weight views, with moe-dispatch's routing, combine
+and split-K reduce), so each variant pays what it will cost in serving:
     1. triton_kernels' own flags for the up and the down matmul are recorded (`default`);
-    2. `matmul_variants` lists flags around each (tiles, block_m, warps, stages, persistence);
+    2. `matmul_variants` lists flags around each (tiles, block_m, warps, stages, persistence,
+       and for a K long enough, split-K counts on the default tile and on the tile with twice its
+       block_k);
        each variant runs with the other matmul at its own flags, steered by
        moe_dispatch.backends.tk_matmul_flags.scoped_matmul_flags;
     3. every variant's output is checked against the default's (bf16 tolerance), the ones
@@ -42,6 +45,7 @@ PHASES = ("up", "down")
 BLOCK_NS = (64, 128, 256)
 BLOCK_KS = (32, 64, 128, 256)
 MAX_STAGES = 6
+SPLITS = (1, 2, 3, 4, 6, 8, 12, 16)  # split-K counts tried where K / split >= 2 block_k
 REL_RMS_TOL = 1e-2  # bf16 outputs of two flag choices (different summation orders) vs each other
 
 
@@ -64,7 +68,11 @@ def matmul_variants(default: MatmulFlags, n: int, k: int, smem_bytes: int) -> li
     """Flags around `default` for a GEMM of N = n, K = k (default itself excluded, no repeats).
 
     tiles: every block_n x block_k (no larger than the GEMM) at default's block_m, persistence;
-    block_m: 16..128; warps: 4 and 8; stages: one fewer and one more; persistence flipped.
+    block_m: 16..128; warps: 4 and 8; stages: one fewer and one more; persistence flipped;
+    split_k: on default's tile and on that tile with twice its block_k, each of SPLITS that leaves
+    every slice at least two blocks of K, other than default's own split on its own tile
+    (`default.split_k`, the recorded count; None: no split variants). Only the split variants
+    set split_k; the others leave it to triton_kernels.
     A variant gets triton_kernels' warps rule and the most stages (<= 4) that fit, unless the
     step varies them. Variants with fewer than 2 stages, or whose pipeline needs more than
     `smem_bytes`, are left out.
@@ -75,7 +83,7 @@ def matmul_variants(default: MatmulFlags, n: int, k: int, smem_bytes: int) -> li
         stages = min(4, stages_that_fit(base, smem_bytes))
         return dataclasses.replace(base, num_stages=stages) if stages >= 2 else None
 
-    d = default
+    d = dataclasses.replace(default, split_k=None)
     out: list[MatmulFlags | None] = []
     for bn in BLOCK_NS:
         for bk in BLOCK_KS:
@@ -90,6 +98,13 @@ def matmul_variants(default: MatmulFlags, n: int, k: int, smem_bytes: int) -> li
             out.append(dataclasses.replace(d, num_stages=stages))
     flip = not d.is_persistent
     out.append(shaped(flip, d.block_m, default_block_n(n), d.block_k))
+    if default.split_k is not None:
+        for tile in (d, shaped(d.is_persistent, d.block_m, d.block_n, 2 * d.block_k)):
+            if tile is not None:
+                own = default.split_k if tile == d else None
+                out.extend(
+                    dataclasses.replace(tile, split_k=s) for s in SPLITS if s != own and k >= 2 * s * tile.block_k
+                )
     kept: dict[MatmulFlags, None] = {}
     for v in out:
         if v is not None and v != d and stages_that_fit(v, smem_bytes) >= v.num_stages:
@@ -123,14 +138,21 @@ def _flag_map(variant: Variant, keys: dict[str, tuple[int, int]]) -> dict[tuple[
 
 
 def _recorded_defaults(kernel, x, logits) -> tuple[dict[str, MatmulFlags], torch.Tensor]:
-    """triton_kernels' own flags of each matmul of one call, and that call's output."""
+    """triton_kernels' own flags of each matmul of one call (with its split-K count), and that
+    call's output."""
     from bench.tk_views_probe import recorded_opt_flags
 
     with recorded_opt_flags() as seen:
         out = kernel.forward(x, logits)
     if not seen or len(seen) != 2:
         raise RuntimeError(f"expected 2 matmul_ogs calls per MoE call, recorded {seen}")
-    return {p: MatmulFlags.of(f) for p, f in zip(PHASES, seen, strict=True)}, out
+    return {p: with_own_split(f) for p, f in zip(PHASES, seen, strict=True)}, out
+
+
+def with_own_split(recorded: object) -> MatmulFlags:
+    """MatmulFlags of a recorded OptFlags (or mapping), split_k set to the recorded count."""
+    split = recorded["split_k"] if isinstance(recorded, dict) else recorded.split_k
+    return dataclasses.replace(MatmulFlags.of(recorded), split_k=split)
 
 
 def _run(kernel, variant: Variant, keys, x, logits) -> torch.Tensor:
@@ -150,11 +172,11 @@ class Shard:
 
 def _shard(preset_name: str, tp: int) -> Shard:
     from moe_dispatch import ExpertWeights, preset
-    from moe_dispatch.backends.triton_kernels_backend import TritonKernelsBackend
+    from moe_dispatch.backends.triton_kernels_tuned import TritonKernelsTunedBackend
 
     spec = preset(preset_name, tp=tp)
     weights = ExpertWeights.random(spec, device="cuda", seed=0)
-    kernel = TritonKernelsBackend("view").prepare(spec, weights)
+    kernel = TritonKernelsTunedBackend().prepare_with_table(spec, weights, None)  # steered by each variant
     smem = torch.cuda.get_device_properties(0).shared_memory_per_block_optin
     return Shard(spec, kernel, gemm_keys(spec.hidden_size, spec.intermediate_size), smem)
 

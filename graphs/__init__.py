@@ -21,7 +21,7 @@ from graphs.capture import CapturedGraph, CaptureError, capture, require_cuda
 from graphs.measure import BucketResult, Measurement, TimingPlan, measure_buckets
 from graphs.ranges import STAGES, RangeNamer, no_ranges
 from graphs.selection import agree_across_ranks, margin, pick_fastest
-from graphs.timing import ReplayStats, time_callable, time_replays
+from graphs.timing import ReplayStats, interleaved_order, time_callable, time_interleaved, time_replays
 
 __all__ = [
     "DEFAULT_BUCKETS",
@@ -45,7 +45,9 @@ __all__ = [
     "padding_rows",
     "pick_fastest",
     "require_cuda",
+    "interleaved_order",
     "time_callable",
+    "time_interleaved",
     "time_replays",
     "validate_buckets",
 ]

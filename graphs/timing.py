@@ -120,7 +120,7 @@ def _sleep_cycles_per_ms() -> float:
     return _cycles_per_ms[device]
 
 
-def _time_on_current_stream(fn: Callable[[], object], warmup: int, repeats: int) -> ReplayStats:
+def _samples_on_current_stream(fn: Callable[[], object], warmup: int, repeats: int) -> list[float]:
     began = time.perf_counter()
     for _ in range(warmup):
         fn()
@@ -135,7 +135,11 @@ def _time_on_current_stream(fn: Callable[[], object], warmup: int, repeats: int)
         fn()
         end.record()
     torch.cuda.synchronize()
-    return ReplayStats.from_samples([s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)])
+    return [s.elapsed_time(e) for s, e in zip(starts, ends, strict=True)]
+
+
+def _time_on_current_stream(fn: Callable[[], object], warmup: int, repeats: int) -> ReplayStats:
+    return ReplayStats.from_samples(_samples_on_current_stream(fn, warmup, repeats))
 
 
 def time_replays(graph: torch.cuda.CUDAGraph, warmup: int = 10, replays: int = 100) -> ReplayStats:
@@ -150,3 +154,27 @@ def time_callable(fn: Callable[[], object], warmup: int = 10, repeats: int = 100
     require_cuda("time_callable")
     _check_counts(warmup, repeats)
     return _time_on_current_stream(fn, warmup, repeats)
+
+
+def interleaved_order(names: Sequence[str], rounds: int) -> list[list[str]]:
+    """Each round's order of `names`: forward in even rounds, backward in odd ones, so a slow drift
+    of the clock (a card heating up over a long run) weighs on every name alike."""
+    if rounds < 1:
+        raise ValueError(f"rounds={rounds}; expected >= 1")
+    return [list(names) if r % 2 == 0 else list(reversed(names)) for r in range(rounds)]
+
+
+def time_interleaved(
+    fns: Mapping[str, Callable[[], object]], warmup: int = 10, repeats: int = 100, rounds: int = 4
+) -> dict[str, ReplayStats]:
+    """Time several callables against each other: `rounds` rounds, each timing every callable for
+    its share of `repeats` (one event pair per call, as `time_callable`), in `interleaved_order`;
+    each callable's samples from all rounds are summarized together."""
+    require_cuda("time_interleaved")
+    _check_counts(warmup, repeats)
+    per_round = max(1, math.ceil(repeats / rounds))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for order in interleaved_order(list(fns), rounds):
+        for name in order:
+            samples[name] += _samples_on_current_stream(fns[name], warmup, per_round)
+    return {name: ReplayStats.from_samples(s) for name, s in samples.items()}

@@ -140,6 +140,14 @@ def test_hold_covers_the_host_enqueue_and_is_capped():
             hold_ms(bad, 10)
 
 
+def test_interleaved_order_alternates_direction_each_round():
+    from graphs import interleaved_order
+
+    assert interleaved_order(["a", "b", "c"], 3) == [["a", "b", "c"], ["c", "b", "a"], ["a", "b", "c"]]
+    with pytest.raises(ValueError, match="rounds"):
+        interleaved_order(["a"], 0)
+
+
 # ---- selection -----------------------------------------------------------------------------
 
 

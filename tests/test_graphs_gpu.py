@@ -326,3 +326,18 @@ def test_timing_reads_gpu_time_when_the_host_is_slower_than_the_graph():
     slow = time_callable(slow_host_replay, warmup=10, repeats=50).median_ms
     assert bare < 0.1, f"bare replay {bare * 1e3:.1f} us; expected a small graph"
     assert slow < 0.1, f"slow-host replay read {slow * 1e3:.1f} us of GPU time (bare {bare * 1e3:.1f} us)"
+
+
+def test_interleaved_timing_times_each_callable_for_its_share_of_the_repeats():
+    """Two graphs of different cost timed interleaved: each gets the repeats (pooled over rounds)
+    and its own time, the larger GEMM the longer."""
+    from graphs import capture, time_interleaved
+
+    w, x = _static()
+    stream = torch.cuda.Stream()
+    small = capture(lambda a: a @ w, (x,), torch.cuda.graph_pool_handle(), stream).graph
+    big_x = torch.randn(64 * x.shape[0], x.shape[1], device="cuda", dtype=x.dtype)
+    big = capture(lambda a: a @ w, (big_x,), torch.cuda.graph_pool_handle(), stream).graph
+    stats = time_interleaved({"small": small.replay, "big": big.replay}, warmup=5, repeats=40, rounds=4)
+    assert list(stats) == ["small", "big"] and all(s.samples == 40 for s in stats.values())
+    assert stats["big"].median_ms > stats["small"].median_ms, stats

@@ -11,7 +11,7 @@ import types
 
 import pytest
 
-from bench.tk_flags_probe import matmul_variants, stages_that_fit, variants_for
+from bench.tk_flags_probe import matmul_variants, stages_that_fit, variants_for, with_own_split
 from bench.tk_flags_report import store_table
 from moe_dispatch import preset
 from moe_dispatch.backends.base import Support
@@ -47,8 +47,8 @@ def fake_matmul_ogs() -> types.SimpleNamespace:
     return types.SimpleNamespace(make_opt_flags=make_opt_flags, calls=calls)
 
 
-def _call(module, n, k, tma=True, block_k=None):
-    return module.make_opt_flags(None, None, None, None, 1, 64, n, k, None, tma, False, 2, False, False, block_k)
+def _call(module, n, k, tma=True, block_k=None, can_split=False):
+    return module.make_opt_flags(None, None, None, None, 1, 64, n, k, None, tma, can_split, 2, False, False, block_k)
 
 
 def test_flags_validate_and_label_round_trip():
@@ -81,6 +81,31 @@ def test_scoped_flags_steer_only_the_named_gemm_and_restore():
     assert MatmulFlags.of(down_flags) == down
     assert (down_flags.group_m, down_flags.split_k) == (8, 1)  # fields outside the six stay its own
     assert module.make_opt_flags is original
+
+
+def test_split_k_is_an_optional_seventh_flag():
+    flags = MatmulFlags(True, 16, 256, 128, 4, 3, split_k=8)
+    assert flags.label() == "P-m16n256k128w4s3-split8"
+    assert MatmulFlags.from_label(flags.label()) == flags
+    assert MatmulFlags.from_label("P-m16n256k128w4s3").split_k is None  # tables written before the split
+    for bad in (0, True, 2.0):
+        with pytest.raises(ValueError, match="split_k must be an int >= 1"):
+            MatmulFlags(True, 16, 256, 128, 4, 3, split_k=bad)
+    assert MatmulFlags.of(dataclasses.asdict(FakeOptFlags(split_k=5))).split_k is None  # the six tile fields
+    assert with_own_split(dataclasses.asdict(FakeOptFlags(split_k=5))).split_k == 5
+
+
+def test_scoped_flags_set_split_k_only_where_triton_kernels_allows_a_split():
+    module = fake_matmul_ogs()
+    up = MatmulFlags(True, 16, 256, 128, 4, 3, split_k=8)
+    tiles_only = MatmulFlags(True, 16, 256, 128, 4, 3)
+    with scoped_matmul_flags({(720, 2880): up, (2880, 360): tiles_only}, module=module):
+        allowed = _call(module, 720, 2880, can_split=True)
+        refused = _call(module, 720, 2880, can_split=False)  # e.g. a matmul with a fused scatter
+        own = _call(module, 2880, 360, can_split=True)
+    assert allowed.split_k == 8 and MatmulFlags.of(allowed) == tiles_only
+    assert refused.split_k == 1 and MatmulFlags.of(refused) == tiles_only
+    assert own.split_k == 1  # no split set: triton_kernels' own
 
 
 def test_scoped_flags_see_through_a_wrapping_recorder():
@@ -128,6 +153,24 @@ def test_variants_fit_shared_memory_and_differ_from_the_default(n, k):
         for v in variants:
             assert 2 <= v.num_stages <= stages_that_fit(v, H100_SMEM), v
         assert any(v.is_persistent != persistent for v in variants)  # the flip is always tried
+
+
+def test_split_variants_for_a_long_k_only_and_only_they_set_split_k():
+    own = MatmulFlags(True, 16, 256, 64, 4, 4, split_k=4)  # triton_kernels' own at 32 tokens, tp=8 (up)
+    variants = matmul_variants(own, 720, 2880, H100_SMEM)
+    split = [v for v in variants if v.split_k is not None]
+    on_own_tile = sorted(v.split_k for v in split if v.block_k == 64)
+    on_doubled_k = sorted(v.split_k for v in split if v.block_k == 128)
+    assert on_own_tile == [1, 2, 3, 6, 8, 12, 16]  # every slice keeps >= 2 blocks of K; 4 is its own
+    assert on_doubled_k == [1, 2, 3, 4, 6, 8]  # 2880 >= 2 x 8 x 128, not 2 x 12 x 128
+    doubled = MatmulFlags(True, 16, 256, 128, 4, 3)  # the most stages (<= 4) that fit
+    assert all(dataclasses.replace(v, split_k=None) in (dataclasses.replace(own, split_k=None), doubled)
+               for v in split), split  # fmt: skip
+    # A tile twice as deep that does not fit shared memory gets no split variants.
+    deep = MatmulFlags(True, 16, 256, 128, 4, 3, split_k=5)
+    assert {v.block_k for v in matmul_variants(deep, 720, 2880, H100_SMEM) if v.split_k} == {128}
+    assert not [v for v in matmul_variants(dataclasses.replace(deep, split_k=1), 2880, 360, H100_SMEM) if v.split_k]
+    assert not [v for v in matmul_variants(dataclasses.replace(own, split_k=None), 720, 2880, H100_SMEM) if v.split_k]
 
 
 def test_variants_for_vary_one_phase_each():
@@ -221,7 +264,7 @@ def test_the_shipped_h200_flags_table_loads():
     from moe_dispatch.tuned_configs import default_tuned_dir
 
     table = find_tk_table(preset("gpt-oss-120b", tp=8), [default_tuned_dir()], key=KEY)
-    assert table is not None and sorted(table.buckets) == [32, 64, 128, 256, 512, 1024]
+    assert table is not None and sorted(table.buckets) == [32, 64, 128, 256, 512, 1024, 2048, 4096]
     for bucket, entry in table.buckets.items():
         if entry.up is None and entry.down is None:
             assert entry.tuned_us == entry.default_us, bucket

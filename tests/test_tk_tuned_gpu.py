@@ -107,3 +107,24 @@ def test_table_file_found_through_the_env_dir(tmp_path, monkeypatch):
     kernel = get_backend(KERNEL).prepare(spec, weights)
     assert kernel.table is not None
     assert_close(kernel(x, logits), reference_moe(spec, weights, x, logits), spec.dtype, "table from disk")
+
+
+@pytest.mark.parametrize("split", [2, 8])
+def test_a_table_split_k_reaches_the_up_matmul(split):
+    """GPT-OSS-120B tp=8 at 32 tokens (triton_kernels' own split there is 5, kernel-breakdown-routing-tp8.md):
+    a table entry's split_k is what the up matmul runs, and the output matches the reference."""
+    from moe_dispatch.spec import preset
+
+    spec = preset("gpt-oss-120b", tp=8)
+    tiles = MatmulFlags(True, 16, 256, 128, 4, 3)
+    entry = TkBucket(MatmulFlags(True, 16, 256, 128, 4, 3, split_k=split), None)
+    table = TkFlagsTable(current_key(spec), {32: entry}, created="test", notes="tests/test_tk_tuned_gpu.py")
+    weights = ExpertWeights.random(spec, device="cuda", seed=split)
+    kernel = get_backend(KERNEL).prepare_with_table(spec, weights, table)
+    x, logits = random_inputs(spec, 32, device="cuda", seed=32)
+    seen: list[list[dict]] = []
+    with unittest.mock.patch.object(triton_kernels_tuned, "scoped_matmul_flags", steering_then_recording(seen)):
+        out = kernel(x, logits)
+    up, _down = seen[-1]
+    assert up["split_k"] == split and MatmulFlags.of(up) == tiles, up
+    assert_close(out, reference_moe(spec, weights, x, logits), spec.dtype, f"{KERNEL} split_k={split}")

@@ -12,8 +12,11 @@ Its two knobs do not reach what a tuner needs:
 
 `scoped_matmul_flags({(n, k): MatmulFlags})` wraps `triton_kernels.matmul_ogs.make_opt_flags`
 inside the block: a matmul whose (N, K) has an entry gets triton_kernels' own flags with that
-entry's six fields replaced (group_m, split_k, swizzle, epilogue and the rest stay its own),
-every other matmul is untouched. Under CUDA-graph capture the flags are read once, at capture.
+entry's six tile fields replaced, and split_k where the entry sets one and triton_kernels allows
+a split for that call (group_m, swizzle, epilogue and the rest stay its own); every other
+matmul is untouched. A split-K up matmul hands its fused activation to the reduce over the
+slices, which `tk_combine` takes: the cheaper that reduce, the more a larger split can pay.
+Under CUDA-graph capture the flags are read once, at capture.
 Like triton_kernels' constraints this is a module global for the duration of the block: safe
 for one thread issuing MoE calls, not for two threads launching matmul_ogs at once.
 """
@@ -31,12 +34,12 @@ from moe_dispatch.backends.global_swap import swapped_global
 from moe_dispatch.table_files import is_power_of_two
 
 FIELDS = ("is_persistent", "block_m", "block_n", "block_k", "num_warps", "num_stages")
-_LABEL = re.compile(r"(P|NP)-m(\d+)n(\d+)k(\d+)w(\d+)s(\d+)")
+_LABEL = re.compile(r"(P|NP)-m(\d+)n(\d+)k(\d+)w(\d+)s(\d+)(?:-split(\d+))?")
 
 
 @dataclasses.dataclass(frozen=True)
 class MatmulFlags:
-    """The opt flags of one matmul_ogs GEMM that the tuner varies."""
+    """The opt flags of one matmul_ogs GEMM that the tuner varies (split_k None: its own)."""
 
     is_persistent: bool
     block_m: int
@@ -44,6 +47,7 @@ class MatmulFlags:
     block_k: int
     num_warps: int
     num_stages: int
+    split_k: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.is_persistent, bool):
@@ -57,32 +61,44 @@ class MatmulFlags:
             )
         if self.num_warps > 16:
             raise ValueError(f"num_warps must be <= 16, got {self.num_warps}")
-        if isinstance(self.num_stages, bool) or not isinstance(self.num_stages, int) or self.num_stages < 1:
-            raise ValueError(f"num_stages must be an int >= 1, got {self.num_stages!r}")
+        for name in ("num_stages", "split_k"):
+            value = getattr(self, name)
+            if (value is not None or name == "num_stages") and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
     @staticmethod
     def of(flags: object) -> MatmulFlags:
-        """From triton_kernels' OptFlags, or a mapping with the six fields (a recorded call)."""
+        """The six tile fields of triton_kernels' OptFlags, or of a mapping with them (a recorded
+        call); split_k None."""
         if isinstance(flags, Mapping):
             return MatmulFlags(*(flags[name] for name in FIELDS))
         return MatmulFlags(*(getattr(flags, name) for name in FIELDS))
 
     def label(self) -> str:
-        """'P-m16n256k64w4s6' (P: persistent, NP: not)."""
+        """'P-m16n256k64w4s6' (P: persistent, NP: not), then '-split8' where split_k is set."""
         kind = "P" if self.is_persistent else "NP"
-        return f"{kind}-m{self.block_m}n{self.block_n}k{self.block_k}w{self.num_warps}s{self.num_stages}"
+        split = "" if self.split_k is None else f"-split{self.split_k}"
+        return f"{kind}-m{self.block_m}n{self.block_n}k{self.block_k}w{self.num_warps}s{self.num_stages}{split}"
 
     @staticmethod
     def from_label(label: object) -> MatmulFlags:
         match = _LABEL.fullmatch(label) if isinstance(label, str) else None
         if match is None:
-            raise ValueError(f"{label!r} is not a matmul flags label like 'P-m16n256k64w4s6'")
-        kind, *numbers = match.groups()
-        return MatmulFlags(kind == "P", *map(int, numbers))
+            raise ValueError(
+                f"{label!r} is not a matmul flags label like 'P-m16n256k64w4s6' or 'P-m16n256k64w4s6-split4'"
+            )
+        kind, *numbers, split = match.groups()
+        return MatmulFlags(kind == "P", *map(int, numbers), split_k=None if split is None else int(split))
 
-    def replace_in(self, opt_flags: object) -> object:
-        """triton_kernels' OptFlags with these six fields replaced (a dataclass copy)."""
-        return dataclasses.replace(opt_flags, **{name: getattr(self, name) for name in FIELDS})
+    def replace_in(self, opt_flags: object, can_split: bool = True) -> object:
+        """triton_kernels' OptFlags with the six tile fields replaced, and split_k where set and
+        `can_split` (a dataclass copy)."""
+        fields = {name: getattr(self, name) for name in FIELDS}
+        if self.split_k is not None and can_split:
+            fields["split_k"] = self.split_k
+        return dataclasses.replace(opt_flags, **fields)
 
 
 def gemm_keys(hidden_size: int, intermediate_size: int) -> dict[str, tuple[int, int]]:
@@ -128,7 +144,7 @@ def _steering(original, flags_by_gemm: Mapping[tuple[int, int], MatmulFlags]):
             return flags
         if chosen.is_persistent and not bound.get("can_use_persistent_tma", True):
             return flags  # the operands cannot take TMA: keep triton_kernels' choice
-        return chosen.replace_in(flags)
+        return chosen.replace_in(flags, can_split=bound.get("can_use_split_k", True))
 
     return steered
 

@@ -12,10 +12,10 @@ H200 (bench/results/nvidia-h200/kernel-breakdown-combine-tp8.md).
 1. `routing_topk_kernel`: triton_kernels' own top-k function (`streaming_topk`, passed in as a
    constexpr, so selection and tie-breaking are unchanged) and the same softmax over the k
    selected values, then each program's per-expert counts.
-2. `routing_scatter_kernel` (run by the first kernel itself when there is one program): from all
-   programs' counts, the per-expert totals and offsets; a stable sort of the program's
-   (token, slot) assignments by expert gives each its rank within its expert over the whole call,
-   hence `col_sorted_indx` (= GatherIndx.src, ScatterIndx.dst), its inverse `row_sorted_indx`
+2. `routing_scatter_kernel` (with one program, the first kernel runs its code on the top-k still
+   in registers): from all programs' counts, the per-expert totals and offsets; a stable sort of
+   the program's (token, slot) assignments by expert gives each its rank within its expert over
+   the whole call, hence `col_sorted_indx` (= GatherIndx.src, ScatterIndx.dst), its inverse `row_sorted_indx`
    (GatherIndx.dst, ScatterIndx.src), the gate values in expert order and, per block size b in
    triton_kernels' list (16..128 on CUDA), the block schedule ((block within expert) << 16 |
    expert, then -1s); the first program writes the counts, slice offsets and block offsets.
@@ -49,32 +49,13 @@ PAD_CHUNK = 256  # schedule slots filled with -1 per step
 
 
 @triton.jit
-def _scatter_chunk(
-    chunk,  # this program's chunk of CHUNK_TOKENS tokens
-    n_chunks,
-    experts_ptr,  # [N] int32: expert of each (token, slot), row-major
-    vals_ptr,  # [N] gate value of each (token, slot)
-    counts_ptr,  # [n_chunks, E] int32: assignments per chunk and expert
-    col_sum_ptr,  # [E] int32 out: assignments per expert
-    col_sorted_ptr,  # [N] int32 out: assignment indices sorted by expert (stable)
-    row_sorted_ptr,  # [N] int32 out: the inverse permutation
-    gate_ptr,  # [N] out: vals in col_sorted order
-    offs_ptr,  # [1 + SIZES, E + 1] int32 out: slice offsets, then block offsets per block size
-    schedule_ptr,  # [SIZES, max_blocks] int32 out: block schedules, -1 padded
-    N,
-    E,
-    max_blocks,
-    LANES: tl.constexpr,  # assignments per chunk (CHUNK_TOKENS x k, a power of 2)
-    E_PAD: tl.constexpr,  # power of 2 > E
-    FIRST_LOG2: tl.constexpr,  # log2 of the smallest block size
-    SIZES: tl.constexpr,  # number of block sizes (powers of 2 from 2**FIRST_LOG2)
-    COUNT_ROWS: tl.constexpr,
-    PAD_CHUNK: tl.constexpr,
-):
+def _chunk_counts(chunk, n_chunks, counts_ptr, E, E_PAD: tl.constexpr, COUNT_ROWS: tl.constexpr):
+    """From all chunks' counts [n_chunks, E]: (this chunk's, the earlier chunks', all chunks')
+    assignments per expert, each [E_PAD] (0 past E)."""
     experts = tl.arange(0, E_PAD)
     in_range = experts < E
     totals = tl.zeros([E_PAD], dtype=tl.int32)
-    before = tl.zeros([E_PAD], dtype=tl.int32)  # assignments of earlier chunks, per expert
+    before = tl.zeros([E_PAD], dtype=tl.int32)
     for first in range(0, n_chunks, COUNT_ROWS):
         rows = first + tl.arange(0, COUNT_ROWS)
         present = (rows < n_chunks)[:, None] & in_range[None, :]
@@ -82,38 +63,60 @@ def _scatter_chunk(
         totals += tl.sum(counts, 0)
         before += tl.sum(tl.where((rows < chunk)[:, None], counts, 0), 0)
     mine = tl.load(counts_ptr + chunk * E + experts, mask=in_range, other=0)
-    slice_offs = tl.cumsum(totals, 0) - totals
+    return mine, before, totals
 
+
+@triton.jit
+def _scatter_chunk(
+    chunk,  # this program's chunk of LANES assignments
+    expert,  # [LANES] int32: expert of each assignment of the chunk, 0xFFFF past the last
+    vals,  # [LANES]: their gate values
+    mine,  # [E_PAD] int32: the chunk's assignments per expert (0 past E)
+    before,  # [E_PAD] int32: the earlier chunks' assignments per expert
+    totals,  # [E_PAD] int32: all chunks' assignments per expert
+    col_sum_ptr,  # [E] int32 out: assignments per expert
+    col_sorted_ptr,  # [N] int32 out: assignment indices sorted by expert (stable)
+    row_sorted_ptr,  # [N] int32 out: the inverse permutation
+    gate_ptr,  # [N] out: vals in col_sorted order
+    offs_ptr,  # [1 + SIZES, E + 1] int32 out: slice offsets, then block offsets per block size
+    schedule_ptr,  # [SIZES, max_blocks] int32 out: block schedules, -1 padded
+    E,
+    max_blocks,
+    LANES: tl.constexpr,  # assignments per chunk (CHUNK_TOKENS x k, a power of 2)
+    E_PAD: tl.constexpr,  # power of 2 > E
+    FIRST_LOG2: tl.constexpr,  # log2 of the smallest block size
+    SIZES: tl.constexpr,  # number of block sizes (powers of 2 from 2**FIRST_LOG2)
+    PAD_CHUNK: tl.constexpr,
+):
     # Stable sort of the chunk's assignments by expert: sorted position p of expert e has rank
     # before[e] + p - (first position of e in the chunk) within e over the whole call.
     lanes = tl.arange(0, LANES)
-    real = chunk * LANES + lanes < N
-    expert = tl.load(experts_ptr + chunk * LANES + lanes, mask=real, other=0xFFFF)  # padding sorts last
-    keys = tl.sort((expert.to(tl.uint32) << 16) | lanes.to(tl.uint32), 0)
+    keys = tl.sort((expert.to(tl.uint32) << 16) | lanes.to(tl.uint32), 0)  # padding sorts last
     sorted_expert = (keys >> 16).to(tl.int32)
+    sorted_lane = (keys & 0xFFFF).to(tl.int32)
     used = sorted_expert < E
     lookup = tl.minimum(sorted_expert, E_PAD - 1)
+    slice_offs = tl.cumsum(totals, 0) - totals
     rank = tl.gather(before - (tl.cumsum(mine, 0) - mine), lookup, 0) + lanes
     dest = tl.gather(slice_offs, lookup, 0) + rank
-    src = chunk * LANES + (keys & 0xFFFF).to(tl.int32)
+    src = chunk * LANES + sorted_lane
     tl.store(col_sorted_ptr + dest, src, mask=used)
     tl.store(row_sorted_ptr + src, dest, mask=used)
-    tl.store(gate_ptr + dest, tl.load(vals_ptr + src, mask=used), mask=used)
+    tl.store(gate_ptr + dest, tl.gather(vals, sorted_lane, 0), mask=used)
+    experts = tl.arange(0, E_PAD)
+    if chunk == 0:  # the per-expert metadata (block offsets below)
+        tl.store(col_sum_ptr + experts, totals, mask=experts < E)
+        tl.store(offs_ptr + experts, slice_offs, mask=experts <= E)
     for size in tl.static_range(SIZES):
         log2 = FIRST_LOG2 + size
         blocks = (totals + ((1 << log2) - 1)) >> log2
+        block_offs = tl.cumsum(blocks, 0) - blocks
         block = rank >> log2
-        slot = tl.gather(tl.cumsum(blocks, 0) - blocks, lookup, 0) + block
+        slot = tl.gather(block_offs, lookup, 0) + block
         starts = used & ((rank & ((1 << log2) - 1)) == 0)  # the first assignment of each block
         tl.store(schedule_ptr + size * max_blocks + slot, (block << 16) | sorted_expert, mask=starts)
-
-    if chunk == 0:  # the per-expert metadata, and -1 after each schedule's last block
-        tl.store(col_sum_ptr + experts, totals, mask=in_range)
-        tl.store(offs_ptr + experts, slice_offs, mask=experts <= E)
-        for size in tl.static_range(SIZES):
-            log2 = FIRST_LOG2 + size
-            blocks = (totals + ((1 << log2) - 1)) >> log2
-            tl.store(offs_ptr + (1 + size) * (E + 1) + experts, tl.cumsum(blocks, 0) - blocks, mask=experts <= E)
+        if chunk == 0:  # the block offsets, and -1 after the schedule's last block
+            tl.store(offs_ptr + (1 + size) * (E + 1) + experts, block_offs, mask=experts <= E)
             total = tl.sum(blocks, 0)
             for start in range(0, max_blocks, PAD_CHUNK):
                 slots = start + tl.arange(0, PAD_CHUNK)
@@ -142,7 +145,7 @@ def routing_topk_kernel(
     TOPK_E_PAD: tl.constexpr,  # E rounded up to TOPK_BLOCK_N, as triton_kernels pads it
     TOPK_BLOCK_N: tl.constexpr,
     CHUNK_TOKENS: tl.constexpr,
-    ONE_CHUNK: tl.constexpr,  # one program: it also runs the scatter
+    ONE_CHUNK: tl.constexpr,  # one program: it also runs the scatter, on its registers
     E_PAD: tl.constexpr,
     FIRST_LOG2: tl.constexpr,
     SIZES: tl.constexpr,
@@ -155,18 +158,20 @@ def routing_topk_kernel(
     vals, experts = TOPK(logits_ptr, stride_logits, E, tokens, real, TOPK_E_PAD, K, TOPK_BLOCK_N)
     if APPLY_SOFTMAX:  # as triton_kernels' top-k kernel normalizes the selected values
         vals = tl.softmax(vals.to(tl.float32), dim=1, keep_dims=True).to(logits_ptr.dtype.element_ty)
-    experts = experts.to(tl.int32)
+    LANES: tl.constexpr = CHUNK_TOKENS * K
+    expert = tl.reshape(tl.where(real, experts.to(tl.int32), 0xFFFF), [LANES])  # token-major, as flattened
+    bins = tl.arange(0, E_PAD)
+    counts = tl.histogram(tl.minimum(expert, E), E_PAD)  # lanes past the last token count in bin E
+    counts = tl.where(bins < E, counts, 0)
     flat = tokens[:, None] * K + tl.arange(0, K)[None, :]
     tl.store(vals_ptr + flat, vals, mask=real)
     tl.store(experts_ptr + flat, experts, mask=real)
-    bins = tl.arange(0, E_PAD)
-    counts = tl.histogram(tl.reshape(tl.where(real, experts, E), [CHUNK_TOKENS * K]), E_PAD)
     tl.store(counts_ptr + chunk * E + bins, counts, mask=bins < E)
-    if ONE_CHUNK:
-        tl.debug_barrier()  # the stores above are read back below by other threads of this program
+    if ONE_CHUNK:  # nothing stored above is read back: the scatter runs on this program's registers
         _scatter_chunk(
-            0, 1, experts_ptr, vals_ptr, counts_ptr, col_sum_ptr, col_sorted_ptr, row_sorted_ptr, gate_ptr, offs_ptr,
-            schedule_ptr, T * K, E, max_blocks, CHUNK_TOKENS * K, E_PAD, FIRST_LOG2, SIZES, COUNT_ROWS, PAD_CHUNK,
+            0, expert, tl.reshape(vals, [LANES]), counts, tl.zeros([E_PAD], dtype=tl.int32), counts, col_sum_ptr,
+            col_sorted_ptr, row_sorted_ptr, gate_ptr, offs_ptr, schedule_ptr, E, max_blocks, LANES, E_PAD, FIRST_LOG2,
+            SIZES, PAD_CHUNK,
         )  # fmt: skip
 
 
@@ -177,9 +182,15 @@ def routing_scatter_kernel(
     LANES: tl.constexpr, E_PAD: tl.constexpr, FIRST_LOG2: tl.constexpr, SIZES: tl.constexpr,
     COUNT_ROWS: tl.constexpr, PAD_CHUNK: tl.constexpr,
 ):  # fmt: skip
+    chunk = tl.program_id(0)
+    assignments = chunk * LANES + tl.arange(0, LANES)
+    real = assignments < N
+    expert = tl.load(experts_ptr + assignments, mask=real, other=0xFFFF)
+    vals = tl.load(vals_ptr + assignments, mask=real)
+    mine, before, totals = _chunk_counts(chunk, n_chunks, counts_ptr, E, E_PAD, COUNT_ROWS)
     _scatter_chunk(
-        tl.program_id(0), n_chunks, experts_ptr, vals_ptr, counts_ptr, col_sum_ptr, col_sorted_ptr, row_sorted_ptr,
-        gate_ptr, offs_ptr, schedule_ptr, N, E, max_blocks, LANES, E_PAD, FIRST_LOG2, SIZES, COUNT_ROWS, PAD_CHUNK,
+        chunk, expert, vals, mine, before, totals, col_sum_ptr, col_sorted_ptr, row_sorted_ptr, gate_ptr, offs_ptr,
+        schedule_ptr, E, max_blocks, LANES, E_PAD, FIRST_LOG2, SIZES, PAD_CHUNK,
     )  # fmt: skip
 
 
