@@ -31,7 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -151,7 +151,7 @@ def _recorded_defaults(kernel, x, logits) -> tuple[dict[str, MatmulFlags], torch
 
 def with_own_split(recorded: object) -> MatmulFlags:
     """MatmulFlags of a recorded OptFlags (or mapping), split_k set to the recorded count."""
-    split = recorded["split_k"] if isinstance(recorded, dict) else recorded.split_k
+    split = recorded["split_k"] if isinstance(recorded, Mapping) else recorded.split_k
     return dataclasses.replace(MatmulFlags.of(recorded), split_k=split)
 
 

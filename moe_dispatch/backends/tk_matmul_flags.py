@@ -31,7 +31,7 @@ import re
 from collections.abc import Iterator, Mapping
 
 from moe_dispatch.backends.global_swap import swapped_global
-from moe_dispatch.table_files import is_power_of_two
+from moe_dispatch.table_files import is_int, is_power_of_two
 
 FIELDS = ("is_persistent", "block_m", "block_n", "block_k", "num_warps", "num_stages")
 _LABEL = re.compile(r"(P|NP)-m(\d+)n(\d+)k(\d+)w(\d+)s(\d+)(?:-split(\d+))?")
@@ -61,11 +61,9 @@ class MatmulFlags:
             )
         if self.num_warps > 16:
             raise ValueError(f"num_warps must be <= 16, got {self.num_warps}")
-        for name in ("num_stages", "split_k"):
-            value = getattr(self, name)
-            if (value is not None or name == "num_stages") and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1
-            ):
+        counts = {"num_stages": self.num_stages} | ({} if self.split_k is None else {"split_k": self.split_k})
+        for name, value in counts.items():
+            if not (is_int(value) and value >= 1):
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
     @staticmethod
