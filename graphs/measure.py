@@ -6,7 +6,8 @@ the choice and lets SGLang capture the winner once) both call `measure_buckets`.
 
     for each bucket, largest first (smaller graphs reuse the pool's freed blocks):
         for each candidate: capture(fn, static_inputs[:bucket]) into `pool`  (capture.py)
-                            -> time its replays with CUDA events            (timing.py)
+        -> time the candidates' replays against each other, interleaved in rounds
+           (timing.time_interleaved: a clock that drifts or dips weighs on every candidate alike)
     -> agree_across_ranks: element-wise MAX of every rank's table           (selection.py)
     -> pick_fastest per bucket; `choose` {bucket: variant} skips measuring a bucket
 
@@ -26,7 +27,7 @@ import torch
 from graphs.capture import CapturedGraph, CaptureError, capture
 from graphs.ranges import RangeNamer, no_ranges
 from graphs.selection import agree_across_ranks, margin, pick_fastest
-from graphs.timing import ReplayStats, time_replays
+from graphs.timing import ReplayStats, time_interleaved
 
 
 @dataclass(frozen=True)
@@ -66,16 +67,20 @@ class Measurement:
 
 @dataclass(frozen=True)
 class TimingPlan:
-    """How many replays time one variant: `warmup` untimed, then `replays` timed (median kept)."""
+    """How a bucket's variants are timed: `replays` timed replays each (median kept), spread over
+    `rounds` interleaved rounds, each round after `warmup` untimed replays."""
 
     warmup: int = 10
     replays: int = 100
+    rounds: int = 4
 
     def __post_init__(self) -> None:
         if self.warmup < 0:
             raise ValueError(f"warmup_replays={self.warmup}; expected >= 0")
         if self.replays < 1:
             raise ValueError(f"timed_replays={self.replays}; expected >= 1")
+        if self.rounds < 1:
+            raise ValueError(f"timing rounds={self.rounds}; expected >= 1")
 
 
 def check_rows(name: str, bucket: int, out: torch.Tensor) -> None:
@@ -180,27 +185,42 @@ def _capture_bucket(
     start = time.perf_counter()
     args = tuple(t[:bucket] for t in static_inputs)
     graphs: dict[str, CapturedGraph] = {}
-    stats: dict[str, ReplayStats] = {}
     dropped: dict[str, str] = {}
+    prefixes = {name: f"[{next(steps)}/{total}] bs={bucket} {name}" for name in names}
     for name in names:
-        prefix = f"[{next(steps)}/{total}] bs={bucket} {name}"
         try:
             with ranges("capture", bucket, name):
                 captured = capture(variants[name], args, pool, stream)
         except CaptureError as exc:
             dropped[name] = str(exc)
             warnings.warn(f"dropping variant {name!r} at bucket {bucket}: {exc}", RuntimeWarning, stacklevel=4)
-            _say(progress, f"{prefix}: dropped ({exc})")
+            _say(progress, f"{prefixes[name]}: dropped ({exc})")
             continue
         check_rows(name, bucket, captured.output)
         graphs[name] = captured
         if not timed:
-            _say(progress, f"{prefix}: captured (chosen, not timed)")
-            continue
-        with ranges("measure", bucket, name):
-            stats[name] = time_replays(captured.graph, timing.warmup, timing.replays)
-        _say(progress, f"{prefix}: {stats[name].median_ms:.3f} ms")
+            _say(progress, f"{prefixes[name]}: captured (chosen, not timed)")
+    stats: dict[str, ReplayStats] = {}
+    if timed and graphs:
+        replays = {name: RangedReplay(g.graph, ranges, bucket, name) for name, g in graphs.items()}
+        stats = time_interleaved(replays, timing.warmup, timing.replays, timing.rounds)
+        for name, s in stats.items():
+            _say(progress, f"{prefixes[name]}: {s.median_ms:.3f} ms")
     return _Measured(graphs, stats, dropped, time.perf_counter() - start)
+
+
+@dataclass(frozen=True)
+class RangedReplay:
+    """One replay of `graph` inside the caller's "measure" range for (bucket, variant)."""
+
+    graph: torch.cuda.CUDAGraph
+    ranges: RangeNamer
+    bucket: int
+    variant: str
+
+    def __call__(self) -> None:
+        with self.ranges("measure", self.bucket, self.variant):
+            self.graph.replay()
 
 
 def _select(

@@ -320,6 +320,7 @@ class _FakeCuda:
     def __init__(self):
         self.captures = []
         self.releases = []  # per _release_cached call: how many captured graphs were still alive
+        self.timed = []  # per time_interleaved call: the names it timed, with their rounds
         self._pools = itertools.count()
 
     def pool(self):
@@ -334,15 +335,20 @@ class _FakeCuda:
         self.captures.append((fn, inputs[0].shape[0], pool, weakref.ref(graph)))
         return bucketed.CapturedGraph(graph=graph, output=out)
 
+    def time_interleaved(self, fns, warmup, repeats, rounds):
+        """Each measure.RangedReplay's fake replay time: its graph's variant's `ms(rows)` (no replay)."""
+        self.timed.append((list(fns), rounds))
+        stats = {}
+        for name, replay in fns.items():
+            graph = replay.graph
+            stats[name] = ReplayStats.from_samples([graph.fn.ms(graph.output.shape[0])] * repeats)
+        return stats
+
     def release(self):
         self.releases.append(sum(ref() is not None for *_, ref in self.captures))
 
     def pools(self):
         return [pool for _, _, pool, _ in self.captures]
-
-
-def _fake_time(graph, warmup, replays):
-    return ReplayStats.from_samples([graph.fn.ms(graph.output.shape[0])] * replays)
 
 
 @pytest.fixture
@@ -352,7 +358,7 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(bucketed, "_check_devices", lambda static: None)
     monkeypatch.setattr(bucketed, "capture", fake.capture)  # the winners' re-capture
     monkeypatch.setattr(measure, "capture", fake.capture)  # measure_buckets' captures
-    monkeypatch.setattr(measure, "time_replays", _fake_time)
+    monkeypatch.setattr(measure, "time_interleaved", fake.time_interleaved)
     monkeypatch.setattr(bucketed, "_read_memory", lambda: bucketed.MemoryReading(0, 0))
     monkeypatch.setattr(bucketed, "_release_cached", fake.release)
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", fake.pool)
@@ -403,6 +409,14 @@ def test_fake_capture_order_selection_and_report(fake_cuda):
     table = report.table().splitlines()
     assert [line.split()[0] for line in table[2:]] == ["1", "2", "8", "16"]
     assert table[1].split() == ["bucket", "small", "large", "slow", "winner", "margin", "seconds"]
+
+
+def test_fake_each_bucket_times_its_variants_together_in_the_plans_rounds(fake_cuda):
+    g = BucketedGraphs(_fake_variants(), [torch.zeros(16, 3)], buckets=FAKE_BUCKETS, timed_replays=9)
+    g.capture()
+    assert fake_cuda.timed == [(["small", "large", "slow"], 4)] * len(FAKE_BUCKETS)  # one call per bucket
+    with pytest.raises(ValueError, match="rounds=0"):
+        measure.TimingPlan(rounds=0)
 
 
 def test_fake_run_copies_rows_pads_and_returns_a_view(fake_cuda):

@@ -38,7 +38,7 @@ logger = logging.getLogger("moe_dispatch.sglang_plugin")
 PROBE_LAYERS = 4
 # Fewer timed replays for large sizes: their graphs take milliseconds and vary less.
 SMALL_SIZE_TIMING = TimingPlan(warmup=3, replays=20)
-LARGE_SIZE_TIMING = TimingPlan(warmup=2, replays=8)
+LARGE_SIZE_TIMING = TimingPlan(warmup=2, replays=8, rounds=2)  # two interleaved rounds of 4
 LARGE_SIZE = 1024
 
 
