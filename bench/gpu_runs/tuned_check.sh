@@ -14,6 +14,8 @@
 #       its TkFlagsTable goes into $OUT/tuned (a copy of the shipped tables, so buckets merge)
 #   source .gpu-deps/env.sh && bash bench/gpu_runs/tuned_check.sh tktests
 #       the GPU tiers of triton_tuned, tk_combine, tk_routing, triton_kernels_tuned and the plugin
+#   source .gpu-deps/env.sh && bash bench/gpu_runs/tuned_check.sh measure
+#       the graphs, adaptive and plugin GPU tiers (the capture-and-time path), then `make bench` tp=2
 #   source .gpu-deps/env.sh && bash bench/gpu_runs/tuned_check.sh routing TOKENS
 #       tk_routing's GPU tier, then a breakdown of triton_kernels against triton_kernels_tuned
 #   source .gpu-deps/env.sh && bash bench/gpu_runs/tuned_check.sh breakdown TP TOKENS KERNELS
@@ -71,6 +73,14 @@ case "${1:-}" in
       python3 -m pytest -q -p no:logging -m gpu tests/test_tk_tuned_gpu.py  # 200+ s on the H200 (82 tests)
     step 170 plugin_gpu python3 -m pytest -q -p no:logging -m gpu tests/test_plugin_gpu.py
     ;;
+  measure)  # the capture-and-time path (graphs.measure): its tiers, then make bench at tp=2 for the regret column
+    step 60 graphs_gpu python3 -m pytest -q -p no:logging -m gpu tests/test_graphs_gpu.py
+    step 120 adaptive_gpu python3 -m pytest -q -p no:logging -m gpu tests/test_adaptive_gpu.py
+    step 170 plugin_gpu python3 -m pytest -q -p no:logging -m gpu tests/test_plugin_gpu.py
+    step 150 bench python3 -m bench --preset gpt-oss-120b --tp 2 --batch-sizes 8,64,256,1024,2048,4096 \
+      --out "$OUT/bench" --no-plot
+    tar czf "$OUT/bench.tgz" -C "$OUT" bench && rm -rf "$OUT/bench"
+    ;;
   routing)
     step 360 tk_routing_gpu python3 -m pytest -q -p no:logging -m gpu tests/test_tk_routing_gpu.py
     step 150 breakdown python3 -m bench.kernel_breakdown --tp 8 --tokens "$2" \
@@ -90,5 +100,5 @@ case "${1:-}" in
       --modes ${3:-off,measure,extra} --time-budget $budget --out out/serving --results $OUT/results"
     tar czf "$OUT/serving-runs.tgz" -C out/serving runs runs.jsonl session.json 2>/dev/null
     ;;
-  *) echo "usage: $0 tests | engine | tune PRESET TP BUCKETS SECONDS | tkprobe PRESET TP TOKENS SECONDS | tktests | routing TOKENS | breakdown TP TOKENS KERNELS | bench PRESET TP BUCKETS SECONDS | serving [MODEL [MODES [SECONDS]]]" >&2; exit 2 ;;
+  *) echo "usage: $0 tests | engine | measure | tune PRESET TP BUCKETS SECONDS | tkprobe PRESET TP TOKENS SECONDS | tktests | routing TOKENS | breakdown TP TOKENS KERNELS | bench PRESET TP BUCKETS SECONDS | serving [MODEL [MODES [SECONDS]]]" >&2; exit 2 ;;
 esac
