@@ -114,17 +114,22 @@ def _objects(build_dir: Path) -> int:
 
 
 def jit_build(budget_s: float) -> dict:
-    """Build (or find) FlashInfer's CUTLASS MoE module for this GPU within budget_s; load it."""
+    """Build (or find) FlashInfer's CUTLASS MoE module for this GPU within budget_s; load it.
+    On SM90 the module is the backend's choice (`sm90_module`: the bf16-only one unless the full
+    one is built or MOE_DISPATCH_FLASHINFER_MODULE=full)."""
     from flashinfer.fused_moe.core import get_cutlass_fused_moe_module
     from flashinfer.jit import env as jit_env
-    from flashinfer.jit.fused_moe import gen_cutlass_fused_moe_sm90_module
+
+    from moe_dispatch.backends.flashinfer_moe import sm90_module, sm90_specs
+    from moe_dispatch.backends.flashinfer_slim import install
 
     major, minor = torch.cuda.get_device_capability()
     arch = f"{major * 10 + minor}"
     info: dict = {"arch": arch, "workspace": str(jit_env.FLASHINFER_WORKSPACE_DIR)}
     if arch == "90":
         t0 = time.perf_counter()
-        spec = gen_cutlass_fused_moe_sm90_module()  # writes the generated kernel sources
+        choice = sm90_module()
+        spec = sm90_specs()[choice]  # writes the generated kernel sources
         info.update(module=spec.name, sources=len(spec.sources), generate_s=round(time.perf_counter() - t0, 1))
         info.update(aot=spec.is_aot, compiled_before=spec.is_compiled, objects_before=_objects(spec.build_dir))
         say(
@@ -136,6 +141,8 @@ def jit_build(budget_s: float) -> dict:
             _log_jit_time(jit_env.FLASHINFER_WORKSPACE_DIR, info)
             if not info["finished"]:
                 return info
+        if choice == "slim":
+            install()
     t0 = time.perf_counter()
     get_cutlass_fused_moe_module(arch)  # FlashInfer's own path: ninja finds nothing to do, then loads
     info["load_s"] = round(time.perf_counter() - t0, 1)
