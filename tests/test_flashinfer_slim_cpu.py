@@ -128,6 +128,20 @@ def test_install_points_flashinfers_loader_at_the_slim_spec(monkeypatch):
     assert core.gen_cutlass_fused_moe_sm90_module is slim.sm90_slim_spec and cleared == [True]
 
 
+def test_a_prebuilt_library_goes_to_the_ahead_of_time_path(tmp_path):
+    built = tmp_path / "build" / f"{slim.SLIM_NAME}.so"
+    built.parent.mkdir()
+    built.write_bytes(b"\x7fELF slim")
+    spec = types.SimpleNamespace(aot_path=tmp_path / "aot" / slim.SLIM_NAME / f"{slim.SLIM_NAME}.so")
+    assert slim.place_prebuilt(built, spec) == spec.aot_path and spec.aot_path.read_bytes() == b"\x7fELF slim"
+    with pytest.raises(FileNotFoundError):
+        slim.place_prebuilt(tmp_path / "missing.so", spec)
+    other = tmp_path / "fused_moe_90.so"
+    other.write_bytes(b"full")
+    with pytest.raises(ValueError, match="not the slim module"):
+        slim.place_prebuilt(other, spec)
+
+
 def test_cli_refuses_zero_jobs():
     with pytest.raises(SystemExit):
         slim.parse_args(["--jobs", "0"])

@@ -3,7 +3,7 @@
 FlashInfer builds one module for every dtype pair it supports: 182 compile units for SM90
 (154 generated kernel files and 28 hand-written sources), tens of minutes of nvcc on 16 cores,
 longer than one call on the GPU machine we are lent. For bf16 activations and weights the module
-needs about 35 of them (measured on a CPU box: docs/flashinfer-slim-build.md):
+needs 32 of them (docs/flashinfer-slim-build.md):
   * the generated files that instantiate a bf16 x bf16 grouped GEMM: the SM90 TMA
     warp-specialized kernels and the SM80 fused gated kernels (found by their text, since the
     generator numbers its files by tile height, not dtype);
@@ -14,10 +14,12 @@ that resolve lazily when the library is loaded, so a non-bf16 call would fail at
 The flags, include paths and link flags are FlashInfer's own spec's, unchanged; only the name
 (hence the build folder and the .so) and the source list differ.
 
-    python -m moe_dispatch.backends.flashinfer_slim [--jobs N] [--check]
+    python -m moe_dispatch.backends.flashinfer_slim [--jobs N] [--check] [--prebuilt SO]
 
 builds it through FlashInfer's JIT (ninja, resumable: an interrupted build continues) and with
 `--check` lists undefined symbols of FlashInfer's own code that the loader would need at once.
+`--prebuilt SO` places a library built elsewhere (same FlashInfer, CUDA and tvm-ffi versions) at
+the spec's ahead-of-time path, which FlashInfer loads without compiling.
 `install()` makes `flashinfer.fused_moe.cutlass_fused_moe` load this module instead of the full one.
 """
 
@@ -27,6 +29,7 @@ import argparse
 import dataclasses
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -113,10 +116,23 @@ def check_library(so_path: Path) -> list[str]:
     return own_eager_undefined(relocations, undefined)
 
 
+def place_prebuilt(so_path: Path, spec: object) -> Path:
+    """Copy a built slim library to `spec.aot_path`, where FlashInfer loads it without building."""
+    if not so_path.is_file():
+        raise FileNotFoundError(f"no built library at {so_path}")
+    if so_path.name != f"{SLIM_NAME}.so":
+        raise ValueError(f"{so_path.name} is not the slim module's library ({SLIM_NAME}.so)")
+    target = Path(spec.aot_path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(so_path, target)
+    return target
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m moe_dispatch.backends.flashinfer_slim", description=__doc__)
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel nvcc jobs (MAX_JOBS)")
     p.add_argument("--check", action="store_true", help="after building, list eager undefined symbols of FlashInfer's")
+    p.add_argument("--prebuilt", type=Path, help="place this built library instead of building")
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error("--jobs must be >= 1")
@@ -128,6 +144,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ["MAX_JOBS"] = str(args.jobs)
     os.environ.setdefault("FLASHINFER_CUDA_ARCH_LIST", "9.0a")
     spec = sm90_slim_spec()
+    if args.prebuilt is not None:
+        print(f"[slim] placed {args.prebuilt} at {place_prebuilt(args.prebuilt, spec)}", flush=True)
+        return 0
     print(f"[slim] {spec.name}: {len(spec.sources)} sources, {args.jobs} jobs, into {spec.build_dir}", flush=True)
     t0 = time.time()
     spec.build(verbose=True)  # ninja prints [done/total] per unit
