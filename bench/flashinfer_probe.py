@@ -8,8 +8,10 @@ nothing). Safe under `timeout`: each result is printed as it comes and DIR/flash
 and .md are rewritten after each, so a killed run leaves what it measured.
 
 1. environment: GPU, versions, JIT cache folder, the DLPack exchange tvm-ffi's allocator needs.
-2. JIT: FlashInfer builds module `fused_moe_90` (TensorRT-LLM's CUTLASS MoE, ~180 translation
-   units) with ninja at the first call. Here ninja runs on that module's own build file with a
+2. JIT: FlashInfer builds its CUTLASS MoE module (TensorRT-LLM's kernels) with ninja at the first
+   call: on SM90 the backend's choice, the bf16-only `fused_moe_90_bf16` (32 translation units,
+   moe_dispatch.backends.flashinfer_slim) unless the full `fused_moe_90` (~180) is built or
+   MOE_DISPATCH_FLASHINFER_MODULE=full. Here ninja runs on that module's own build file with a
    budget (--jit-budget): stopped early, it keeps its finished objects in the JIT cache and the
    next run resumes. Each run's build seconds are appended to <cache>/moe_dispatch_jit_times.json
    so the total compile time across runs is known. Then the module is loaded as FlashInfer does.

@@ -17,8 +17,9 @@ pins; paths inside that wheel):
   fc1_expert_biases, fc2_expert_biases, ..., swiglu_alpha, swiglu_beta, swiglu_limit, tp_size,
   tp_rank, ..., output, ..., min_latency_mode, ..., tune_max_num_tokens, enable_pdl,
   activation_type)`. `min_latency_mode=True` raises NotImplementedError there on every GPU, so
-  it is not offered. The first call JIT-compiles the module `fused_moe_90` (see
-  bench/flashinfer_gpu.sh for the build and its cache).
+  it is not offered. The first call JIT-compiles the module: on SM90 the bf16-only
+  `fused_moe_90_bf16` (moe_dispatch.backends.flashinfer_slim) unless FlashInfer's full
+  `fused_moe_90` is built or asked for (`module_choice`; bench/flashinfer_gpu.sh for the cache).
 * data/csrc/fused_moe/cutlass_backend/flashinfer_cutlass_fused_moe_binding.cu `runMoe`: expert
   ids int32 and scales fp32, [T, k]; fc1 [E, 2I, H] and fc2 [E, H, I] in the activation dtype,
   read through raw pointers (no strides); biases [E, 2I] and [E, H] in the *output* dtype
