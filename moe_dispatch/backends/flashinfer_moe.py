@@ -352,7 +352,7 @@ class FlashInferCutlassBackend(KernelBackend):
         answer = spec_support(spec)
         if answer and spec.dtype != torch.bfloat16 and sm90_module() == "slim":
             return Support.no(
-                f"the bf16-only FlashInfer module ({SLIM_MODULE_NAME}) is the one in use, not {spec.dtype}: "
+                f"the bf16-only FlashInfer module {SLIM_MODULE_NAME} is the one in use, not {spec.dtype}: "
                 f"build FlashInfer's full module and set {MODULE_ENV}=full"
             )
         return answer
