@@ -92,20 +92,25 @@ def install() -> None:
 
 def own_eager_undefined(relocations: str, undefined: set[str]) -> list[str]:
     """Undefined symbols of FlashInfer's namespaces that a relocation other than a PLT jump slot
-    needs (`readelf -rW` text): the loader resolves those at once, so they must be in the .so."""
+    needs (`readelf -rW` text), demangled: the loader resolves those at once, so they must be in
+    the .so."""
     eager = set()
     for line in relocations.splitlines():
         fields = line.split()
         if len(fields) >= 5 and "JUMP_SLOT" not in fields[2] and fields[4] in undefined:
             eager.add(fields[4])
-    return sorted(s for s in eager if any(ns in demangle(s) for ns in OWN_NAMESPACES))
+    names = demangle(sorted(eager))
+    return sorted(name for name in names if any(ns in name for ns in OWN_NAMESPACES))
 
 
-def demangle(symbol: str) -> str:
+def demangle(symbols: Sequence[str]) -> list[str]:
+    """The symbols demangled by one `c++filt` run (as given when binutils is missing)."""
     try:
-        return subprocess.run(["c++filt", symbol], capture_output=True, text=True, check=True).stdout.strip()
+        out = subprocess.run(["c++filt"], input="\n".join(symbols), capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
-        return symbol
+        return list(symbols)
+    names = out.stdout.splitlines()
+    return names if len(names) == len(symbols) else list(symbols)
 
 
 def check_library(so_path: Path) -> list[str]:
@@ -156,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         missing = check_library(so_path)
         print(f"[slim] eager undefined symbols of FlashInfer's own code: {len(missing)}", flush=True)
         for symbol in missing[:40]:
-            print(f"  {demangle(symbol)}")
+            print(f"  {symbol}")
         return 1 if missing else 0
     return 0
 
