@@ -8,8 +8,10 @@ nothing). Safe under `timeout`: each result is printed as it comes and DIR/flash
 and .md are rewritten after each, so a killed run leaves what it measured.
 
 1. environment: GPU, versions, JIT cache folder, the DLPack exchange tvm-ffi's allocator needs.
-2. JIT: FlashInfer builds module `fused_moe_90` (TensorRT-LLM's CUTLASS MoE, ~180 translation
-   units) with ninja at the first call. Here ninja runs on that module's own build file with a
+2. JIT: FlashInfer builds its CUTLASS MoE module (TensorRT-LLM's kernels) with ninja at the first
+   call: on SM90 the backend's choice, the bf16-only `fused_moe_90_bf16` (32 translation units,
+   moe_dispatch.backends.flashinfer_slim) unless the full `fused_moe_90` (~180) is built or
+   MOE_DISPATCH_FLASHINFER_MODULE=full. Here ninja runs on that module's own build file with a
    budget (--jit-budget): stopped early, it keeps its finished objects in the JIT cache and the
    next run resumes. Each run's build seconds are appended to <cache>/moe_dispatch_jit_times.json
    so the total compile time across runs is known. Then the module is loaded as FlashInfer does.
@@ -114,17 +116,22 @@ def _objects(build_dir: Path) -> int:
 
 
 def jit_build(budget_s: float) -> dict:
-    """Build (or find) FlashInfer's CUTLASS MoE module for this GPU within budget_s; load it."""
+    """Build (or find) FlashInfer's CUTLASS MoE module for this GPU within budget_s; load it.
+    On SM90 the module is the backend's choice (`sm90_module`: the bf16-only one unless the full
+    one is built or MOE_DISPATCH_FLASHINFER_MODULE=full)."""
     from flashinfer.fused_moe.core import get_cutlass_fused_moe_module
     from flashinfer.jit import env as jit_env
-    from flashinfer.jit.fused_moe import gen_cutlass_fused_moe_sm90_module
+
+    from moe_dispatch.backends.flashinfer_moe import sm90_module, sm90_specs
+    from moe_dispatch.backends.flashinfer_slim import install
 
     major, minor = torch.cuda.get_device_capability()
     arch = f"{major * 10 + minor}"
     info: dict = {"arch": arch, "workspace": str(jit_env.FLASHINFER_WORKSPACE_DIR)}
     if arch == "90":
         t0 = time.perf_counter()
-        spec = gen_cutlass_fused_moe_sm90_module()  # writes the generated kernel sources
+        choice = sm90_module()
+        spec = sm90_specs()[choice]  # writes the generated kernel sources
         info.update(module=spec.name, sources=len(spec.sources), generate_s=round(time.perf_counter() - t0, 1))
         info.update(aot=spec.is_aot, compiled_before=spec.is_compiled, objects_before=_objects(spec.build_dir))
         say(
@@ -136,6 +143,8 @@ def jit_build(budget_s: float) -> dict:
             _log_jit_time(jit_env.FLASHINFER_WORKSPACE_DIR, info)
             if not info["finished"]:
                 return info
+        if choice == "slim":
+            install()
     t0 = time.perf_counter()
     get_cutlass_fused_moe_module(arch)  # FlashInfer's own path: ninja finds nothing to do, then loads
     info["load_s"] = round(time.perf_counter() - t0, 1)

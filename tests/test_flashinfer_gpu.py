@@ -2,9 +2,10 @@
 capture and replay, autotuning, both routers, a GPT-OSS shard's real shapes.
 
 Skipped, with the reason, where the backend is unavailable (flashinfer not installed or not
-importable, no Hopper-or-newer GPU), and where FlashInfer's `fused_moe_90` module is not built
-yet (its JIT build takes tens of minutes: bench/flashinfer_gpu.sh builds it, resumably;
-MOE_DISPATCH_FLASHINFER_BUILD=1 lets the first test build it instead). Set
+importable, no Hopper-or-newer GPU), and where the FlashInfer module the backend picks is not
+built yet (`python -m moe_dispatch.backends.flashinfer_slim` builds the bf16 one, 32 units;
+bench/flashinfer_gpu.sh builds resumably; MOE_DISPATCH_FLASHINFER_BUILD=1 lets the first test
+build it instead). With the bf16 module, fp16 cases are refused by `supports`, with the reason. Set
 MOE_DISPATCH_ERROR_TABLE=path to append the case x kernel error rows (JSON lines), as
 tests/test_backends_gpu.py does.
 """

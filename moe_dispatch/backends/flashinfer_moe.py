@@ -17,8 +17,9 @@ pins; paths inside that wheel):
   fc1_expert_biases, fc2_expert_biases, ..., swiglu_alpha, swiglu_beta, swiglu_limit, tp_size,
   tp_rank, ..., output, ..., min_latency_mode, ..., tune_max_num_tokens, enable_pdl,
   activation_type)`. `min_latency_mode=True` raises NotImplementedError there on every GPU, so
-  it is not offered. The first call JIT-compiles the module `fused_moe_90` (see
-  bench/flashinfer_gpu.sh for the build and its cache).
+  it is not offered. The first call JIT-compiles the module: on SM90 the bf16-only
+  `fused_moe_90_bf16` (moe_dispatch.backends.flashinfer_slim) unless FlashInfer's full
+  `fused_moe_90` is built or asked for (`module_choice`; bench/flashinfer_gpu.sh for the cache).
 * data/csrc/fused_moe/cutlass_backend/flashinfer_cutlass_fused_moe_binding.cu `runMoe`: expert
   ids int32 and scales fp32, [T, k]; fc1 [E, 2I, H] and fc2 [E, H, I] in the activation dtype,
   read through raw pointers (no strides); biases [E, 2I] and [E, H] in the *output* dtype
@@ -61,6 +62,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from moe_dispatch.backends.base import KernelBackend, PreparedKernel, Support
+from moe_dispatch.backends.flashinfer_slim import SLIM_NAME as SLIM_MODULE_NAME
 from moe_dispatch.spec import MoESpec
 from moe_dispatch.weights import ExpertWeights
 
@@ -119,17 +121,49 @@ def flashinfer_version() -> str | None:
         return None
 
 
-def module_built() -> bool | None:
-    """Whether FlashInfer's CUTLASS MoE module for this Hopper GPU is built (JIT cache or AOT) already.
+MODULE_ENV = "MOE_DISPATCH_FLASHINFER_MODULE"
+MODULES = ("slim", "full")
 
-    None where that cannot be told cheaply (other GPUs). Building it is FlashInfer's JIT at the
-    first call: ~180 CUDA translation units, tens of minutes of nvcc (bench/flashinfer_gpu.sh).
-    """
-    if not flashinfer_support() or torch.cuda.get_device_capability() != (9, 0):
-        return None
+
+def module_choice(full_built: bool, environ: Mapping[str, str]) -> str:
+    """Which SM90 module the backend loads: `MOE_DISPATCH_FLASHINFER_MODULE` (slim or full) when set,
+    else FlashInfer's full module once it is built, else the bf16-only one
+    (moe_dispatch.backends.flashinfer_slim: about a sixth of the build)."""
+    asked = environ.get(MODULE_ENV, "").strip()
+    if asked:
+        if asked not in MODULES:
+            raise ValueError(f"{MODULE_ENV}={asked!r}; expected one of {MODULES}")
+        return asked
+    return "full" if full_built else "slim"
+
+
+@functools.cache
+def sm90_specs() -> dict[str, object]:
+    """FlashInfer's SM90 MoE JitSpecs by module choice (running its kernel generator once)."""
     from flashinfer.jit.fused_moe import gen_cutlass_fused_moe_sm90_module
 
-    return gen_cutlass_fused_moe_sm90_module().is_compiled
+    from moe_dispatch.backends.flashinfer_slim import slim_spec
+
+    full = gen_cutlass_fused_moe_sm90_module()
+    return {"full": full, "slim": slim_spec(full)}
+
+
+def sm90_module() -> str | None:
+    """The module choice on a Hopper GPU with FlashInfer installed; None elsewhere."""
+    if not flashinfer_support() or torch.cuda.get_device_capability() != (9, 0):
+        return None
+    return module_choice(sm90_specs()["full"].is_compiled, os.environ)
+
+
+def module_built() -> bool | None:
+    """Whether the SM90 module the backend loads (`sm90_module`) is built (JIT cache or AOT) already.
+
+    None where that cannot be told cheaply (other GPUs). Building it is FlashInfer's JIT at the
+    first call: ~180 CUDA translation units for the full module, tens of minutes of nvcc
+    (bench/flashinfer_gpu.sh); 32 for the bf16 one (`python -m moe_dispatch.backends.flashinfer_slim`).
+    """
+    choice = sm90_module()
+    return None if choice is None else sm90_specs()[choice].is_compiled
 
 
 BUILD_ENV = "MOE_DISPATCH_FLASHINFER_BUILD"
@@ -143,8 +177,9 @@ def build_gate(built: bool | None, environ: Mapping[str, str]) -> Support:
     """
     if built is False and environ.get(BUILD_ENV, "").strip() != "1":
         return Support.no(
-            "FlashInfer's CUTLASS MoE module is not built yet: the first call compiles ~180 CUDA files "
-            f"(tens of minutes of nvcc); set {BUILD_ENV}=1 to let it build"
+            "FlashInfer's CUTLASS MoE module is not built yet: build the bf16 one with "
+            "`python -m moe_dispatch.backends.flashinfer_slim` (32 CUDA files), or set "
+            f"{BUILD_ENV}=1 to let the first call build it"
         )
     return Support.yes()
 
@@ -314,7 +349,17 @@ class FlashInferCutlassBackend(KernelBackend):
         return build_gate(module_built(), os.environ) if answer else answer
 
     def supports(self, spec: MoESpec) -> Support:
-        return spec_support(spec)
+        answer = spec_support(spec)
+        if answer and spec.dtype != torch.bfloat16 and sm90_module() == "slim":
+            return Support.no(
+                f"the bf16-only FlashInfer module {SLIM_MODULE_NAME} is the one in use, not {spec.dtype}: "
+                f"build FlashInfer's full module and set {MODULE_ENV}=full"
+            )
+        return answer
 
     def _prepare(self, spec: MoESpec, weights: ExpertWeights) -> PreparedKernel:
+        if sm90_module() == "slim":
+            from moe_dispatch.backends.flashinfer_slim import install
+
+            install()
         return FlashInferCutlassKernel(spec, weights, self.router, self.autotune)
