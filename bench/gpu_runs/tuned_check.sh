@@ -16,6 +16,9 @@
 #       the GPU tiers of triton_tuned, tk_combine, tk_routing, triton_kernels_tuned and the plugin
 #   source .gpu-deps/env.sh && bash bench/gpu_runs/tuned_check.sh measure
 #       the graphs, adaptive and plugin GPU tiers (the capture-and-time path), then `make bench` tp=2
+#   source .gpu-deps/env.sh && bash bench/gpu_runs/tuned_check.sh flashinfer [SO]
+#       FlashInfer's bf16 SM90 MoE module: place SO (a build from .fi-prebuilt) or build it with every
+#       core, then the flashinfer GPU tier and bench/flashinfer_probe.py (carry .whl and .fi-prebuilt)
 #   source .gpu-deps/env.sh && bash bench/gpu_runs/tuned_check.sh routing TOKENS
 #       tk_routing's GPU tier, then a breakdown of triton_kernels against triton_kernels_tuned
 #   source .gpu-deps/env.sh && bash bench/gpu_runs/tuned_check.sh breakdown TP TOKENS KERNELS
@@ -80,6 +83,16 @@ case "${1:-}" in
     step 150 bench python3 -m bench --preset gpt-oss-120b --tp 2 --batch-sizes 8,64,256,1024,2048,4096 \
       --out "$OUT/bench" --no-plot
     tar czf "$OUT/bench.tgz" -C "$OUT" bench && rm -rf "$OUT/bench"
+    ;;
+  flashinfer)  # the wheel goes into .fi-cache/site; the library where FlashInfer loads it without building
+    source bench/flashinfer_gpu.sh --env-only || exit 1
+    if [ -n "${2:-}" ]; then
+      step 60 fi_place python3 -m moe_dispatch.backends.flashinfer_slim --prebuilt "$2"
+    fi
+    step 420 fi_build python3 -m moe_dispatch.backends.flashinfer_slim --jobs "$(nproc)" --check  # a no-op when placed
+    step 200 flashinfer_gpu python3 -m pytest -q -p no:logging -m gpu tests/test_flashinfer_gpu.py
+    step 300 fi_probe python3 -m bench.flashinfer_probe --out "$OUT/fi" --jit-budget 60
+    tar czf "$OUT/fi.tgz" -C "$OUT" fi && rm -rf "$OUT/fi"
     ;;
   routing)
     step 360 tk_routing_gpu python3 -m pytest -q -p no:logging -m gpu tests/test_tk_routing_gpu.py

@@ -152,11 +152,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.prebuilt is not None:
         print(f"[slim] placed {args.prebuilt} at {place_prebuilt(args.prebuilt, spec)}", flush=True)
         return 0
-    print(f"[slim] {spec.name}: {len(spec.sources)} sources, {args.jobs} jobs, into {spec.build_dir}", flush=True)
-    t0 = time.time()
-    spec.build(verbose=True)  # ninja prints [done/total] per unit
-    so_path = spec.jit_library_path
-    print(f"[slim] built {so_path} ({so_path.stat().st_size / 2**20:.1f} MiB) in {time.time() - t0:.0f} s", flush=True)
+    if spec.is_compiled:  # placed (ahead-of-time path) or built before: nothing to compile
+        so_path = spec.get_library_path()
+        print(f"[slim] {spec.name} present: {so_path} ({so_path.stat().st_size / 2**20:.1f} MiB)", flush=True)
+    else:
+        print(f"[slim] {spec.name}: {len(spec.sources)} sources, {args.jobs} jobs, into {spec.build_dir}", flush=True)
+        t0 = time.time()
+        spec.build(verbose=True)  # ninja prints [done/total] per unit
+        so_path = spec.jit_library_path
+        size_mib = so_path.stat().st_size / 2**20
+        print(f"[slim] built {so_path} ({size_mib:.1f} MiB) in {time.time() - t0:.0f} s", flush=True)
     if args.check:
         missing = check_library(so_path)
         print(f"[slim] eager undefined symbols of FlashInfer's own code: {len(missing)}", flush=True)
