@@ -51,22 +51,32 @@ class BenchSettings:
 def check_correctness(
     spec: MoESpec, weights: ExpertWeights, names: Sequence[str], sizes: Sequence[int], seed: int
 ) -> dict[str, str]:
-    """kernel -> why it is not timed (its error vs the reference), for kernels that fail."""
+    """kernel -> why it is not timed (its error vs the reference), for kernels that fail.
+
+    Each kernel is prepared once for all sizes: preparing can be costly (FlashInfer's autotuner
+    profiles its tactics for about 20 s per prepare)."""
     tol = TOLERANCES[spec.dtype]
-    errors: dict[str, str] = {}
+    cases = []
     for T in sizes:
         x, logits = random_inputs(spec, T, device=weights.device, seed=seed + T)
-        ref = reference_moe(spec, weights, x, logits)
-        for name in names:
-            if name in errors or not candidate_at(name, T):
+        cases.append((T, x, logits, reference_moe(spec, weights, x, logits)))
+    errors: dict[str, str] = {}
+    for name in names:
+        kernel = None
+        for T, x, logits, ref in cases:
+            if not candidate_at(name, T):
                 continue
             try:
-                stats = error_stats(make_kernel(name, spec, weights)(x, logits), ref)
+                if kernel is None:
+                    kernel = make_kernel(name, spec, weights)
+                stats = error_stats(kernel(x, logits), ref)
             except Exception as error:
                 errors[name] = f"T={T}: {type(error).__name__}: {error}"
-                continue
+                break
             if not stats.within(tol):
                 errors[name] = f"T={T}: wrong result ({stats.describe()})"
+                break
+        del kernel  # its workspace and weight copies go before the next kernel's
     return errors
 
 

@@ -292,3 +292,27 @@ def test_kernel_breakdown_table_names_each_kernel_its_share_and_the_floor():
     assert "## triton_kernels_tuned, T=32: 80.0 us of kernels, 1.60x the floor (50.0 us, 78 experts)" in text
     assert "| `combine_slots_kernel` | 20.0 | 25% | 1 |" in text
     assert "x" * 100 not in text, "long template names are cut to the table width"
+
+
+def test_correctness_check_prepares_each_kernel_once_and_names_the_failing_size(monkeypatch):
+    from bench import runner
+    from moe_dispatch import ExpertWeights, reference_moe
+
+    spec = dataclasses.replace(TINY, dtype=torch.float32)
+    weights = ExpertWeights.random(spec, seed=0)
+    prepared: list[str] = []
+
+    def make_kernel(name, spec, weights):
+        prepared.append(name)
+
+        def kernel(x, logits):
+            out = reference_moe(spec, weights, x, logits)
+            return out + 1.0 if name == "wrong_at_5" and x.shape[0] == 5 else out
+
+        return kernel
+
+    monkeypatch.setattr(runner, "make_kernel", make_kernel)
+    monkeypatch.setattr(runner, "candidate_at", lambda name, T: True)
+    errors = runner.check_correctness(spec, weights, ("right", "wrong_at_5"), (1, 5, 9), seed=3)
+    assert prepared == ["right", "wrong_at_5"]
+    assert list(errors) == ["wrong_at_5"] and errors["wrong_at_5"].startswith("T=5: wrong result")
