@@ -173,3 +173,43 @@ def test_with_the_bf16_module_in_use_fp16_is_refused_with_the_way_out(monkeypatc
     assert backend.supports(bf16)
     monkeypatch.setattr(fi, "sm90_module", lambda: "full")
     assert backend.supports(fp16)
+
+
+class _FakeSpec:
+    """A JitSpec stand-in: `build` writes the JIT library, as ninja's link step would."""
+
+    name = slim.SLIM_NAME
+
+    def __init__(self, root: Path, placed: bool) -> None:
+        self.aot_path = root / "aot" / f"{slim.SLIM_NAME}.so"
+        self.jit_library_path = root / "jit" / f"{slim.SLIM_NAME}.so"
+        self.build_dir, self.sources, self.builds = root / "jit", [Path("a.cu")], 0
+        if placed:
+            self.aot_path.parent.mkdir(parents=True)
+            self.aot_path.write_bytes(b"\x7fELF placed")
+
+    @property
+    def is_compiled(self) -> bool:
+        return self.aot_path.exists() or self.jit_library_path.exists()
+
+    def get_library_path(self) -> Path:
+        return self.aot_path if self.aot_path.exists() else self.jit_library_path
+
+    def build(self, verbose: bool) -> None:
+        self.builds += 1
+        self.jit_library_path.parent.mkdir(parents=True)
+        self.jit_library_path.write_bytes(b"\x7fELF built")
+
+
+@pytest.mark.parametrize("placed", [True, False], ids=["placed", "unbuilt"])
+def test_cli_builds_only_a_missing_module_and_checks_the_one_in_use(monkeypatch, tmp_path, capsys, placed):
+    spec = _FakeSpec(tmp_path, placed)
+    checked: list[Path] = []
+    for var in ("MAX_JOBS", "FLASHINFER_CUDA_ARCH_LIST"):  # main sets them; restored after the test
+        monkeypatch.setenv(var, "unset")
+    monkeypatch.setattr(slim, "sm90_slim_spec", lambda: spec)
+    monkeypatch.setattr(slim, "check_library", lambda path: checked.append(path) or [])
+    assert slim.main(["--jobs", "3", "--check"]) == 0
+    assert spec.builds == (0 if placed else 1)
+    assert checked == [spec.aot_path if placed else spec.jit_library_path]
+    assert ("present" if placed else "built") in capsys.readouterr().out
