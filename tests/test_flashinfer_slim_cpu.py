@@ -127,6 +127,8 @@ def test_install_points_flashinfers_loader_at_the_slim_spec(monkeypatch):
     monkeypatch.setitem(sys.modules, "flashinfer.fused_moe.core", core)
     slim.install()
     assert core.gen_cutlass_fused_moe_sm90_module is slim.sm90_slim_spec and cleared == [True]
+    slim.install()  # every prepare installs: the loaded module stays loaded
+    assert cleared == [True]
 
 
 def test_a_prebuilt_library_goes_to_the_ahead_of_time_path(tmp_path):

@@ -113,5 +113,5 @@ case "${1:-}" in
       --modes ${3:-off,measure,extra} --time-budget $budget --out out/serving --results $OUT/results"
     tar czf "$OUT/serving-runs.tgz" -C out/serving runs runs.jsonl session.json 2>/dev/null
     ;;
-  *) echo "usage: $0 tests | engine | measure | tune PRESET TP BUCKETS SECONDS | tkprobe PRESET TP TOKENS SECONDS | tktests | routing TOKENS | breakdown TP TOKENS KERNELS | bench PRESET TP BUCKETS SECONDS | serving [MODEL [MODES [SECONDS]]]" >&2; exit 2 ;;
+  *) echo "usage: $0 tests | engine | measure | flashinfer [SO] | tune PRESET TP BUCKETS SECONDS | tkprobe PRESET TP TOKENS SECONDS | tktests | routing TOKENS | breakdown TP TOKENS KERNELS | bench PRESET TP BUCKETS SECONDS | serving [MODEL [MODES [SECONDS]]]" >&2; exit 2 ;;
 esac

@@ -83,9 +83,13 @@ def sm90_slim_spec(use_fast_build: bool = False) -> object:
 
 
 def install() -> None:
-    """Make FlashInfer's MoE wrapper load the slim module on SM90 (from the next module load on)."""
+    """Make FlashInfer's MoE wrapper load the slim module on SM90 (from the next module load on).
+    Once installed, a later call changes nothing: clearing the loader's cache again would re-run
+    FlashInfer's kernel generator and reload the library at every prepare."""
     import flashinfer.fused_moe.core as core
 
+    if core.gen_cutlass_fused_moe_sm90_module is sm90_slim_spec:
+        return
     core.gen_cutlass_fused_moe_sm90_module = sm90_slim_spec
     core.get_cutlass_fused_moe_module.cache_clear()
 
